@@ -1,0 +1,149 @@
+"""``vpn-provider``: gateway start|stop|status|run, exec, check. Errors print one line, exit 1."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import VPNError
+from .gateway.config import DEFAULT_LISTEN, DEFAULT_POOL, GatewayConfig
+from .ticket import Endpoint
+
+EXIT_FAILURE = 1
+# Like env(1) and timeout(1): 125 means we failed before CMD could run, so callers can tell
+# our failure from CMD's own exit status.
+EXIT_EXEC_FAILED = 125
+
+
+def _endpoint(text: str) -> Endpoint:
+    try:
+        return Endpoint.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ip_list(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.ip_address(x.strip())) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _network(text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .egress import CHOICES
+    p = argparse.ArgumentParser(prog="vpn-provider", description=__doc__)
+    p.add_argument("--version", action="version", version=f"vpn-provider {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    gw = sub.add_parser("gateway", help="run the gateway on a host with Internet access")
+    gw_sub = gw.add_subparsers(dest="action", required=True)
+    for action in ("start", "stop", "status", "run"):
+        a = gw_sub.add_parser(action)
+        a.add_argument("--state-dir", type=Path, required=True,
+                       help="credentials, ticket.json, logs and sockets of this gateway")
+        if action in ("start", "run"):
+            a.add_argument("--listen", type=_endpoint, default=Endpoint.parse(DEFAULT_LISTEN),
+                           help=f"HOST:PORT for TCP and UDP (default {DEFAULT_LISTEN})")
+            a.add_argument("--dns", type=_ip_list, default=(),
+                           help="resolvers pushed to clients (default: this host's resolv.conf)")
+            a.add_argument("--pool", type=_network, default=ipaddress.IPv4Network(DEFAULT_POOL),
+                           help=f"client address pool (default {DEFAULT_POOL})")
+            a.add_argument("--egress", choices=CHOICES, default="auto")
+            a.add_argument("--advertise", type=_endpoint, action="append", default=[],
+                           help="address workers dial, repeatable (default: this host's addresses)")
+            a.add_argument("--mtu", type=int, default=1400)
+            a.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+
+    ex = sub.add_parser("exec", help="run CMD inside the VPN (on a compute node)")
+    ex.add_argument("--ticket", type=Path, required=True)
+    ex.add_argument("--timeout", type=_positive, default=15.0,
+                    help="seconds to wait for the tunnel (default 15)")
+    ex.add_argument("--log-file", type=Path, default=None,
+                    help="keep openconnect's log here (default: discarded on success)")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    ck = sub.add_parser("check", help="diagnose whether this node can use the VPN")
+    ck.add_argument("--ticket", type=Path, required=True)
+    ck.add_argument("--timeout", type=_positive, default=15.0)
+    return p
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
+                         dns=args.dns, pool=args.pool, egress=args.egress,
+                         advertise=tuple(args.advertise), mtu=args.mtu)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from .gateway.control import Gateway
+    from .gateway.supervisor import run
+    if args.action == "run":
+        return run(_gateway_config(args), ready_fd=args.ready_fd)
+    if args.action == "start":
+        gw = Gateway(_gateway_config(args))
+        info = gw.start()
+        print(f"gateway up: {', '.join(info['gateways'])}; ticket: {info['ticket']}")
+        return 0
+    gw = Gateway(GatewayConfig(state_dir=args.state_dir))
+    if args.action == "stop":
+        if not gw.stop():
+            print(f"no gateway runs with state dir {gw.state_dir}", file=sys.stderr)
+            return EXIT_FAILURE
+        print("gateway stopped")
+        return 0
+    clients = gw.clients()
+    print(f"gateway pid {gw.pid}, {len(clients)} client(s)")
+    if clients:
+        print(f"{'VPN IP':<16} {'REMOTE IP':<16} {'DATA CHANNEL':<14} {'USER':<10} CONNECTED")
+        for c in clients:
+            channel = "DTLS" if c.dtls_cipher and c.dtls_cipher != "(no-dtls)" else "TLS/TCP"
+            print(f"{c.vpn_ip:<16} {c.remote_ip:<16} {channel:<14} {c.user:<10} {c.since}")
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from .ticket import Ticket
+    from .worker.tunnel import exec_in_vpn
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise SystemExit("vpn-provider exec: missing CMD after --")
+    exec_in_vpn(Ticket.load(args.ticket), cmd, timeout=args.timeout, log_file=args.log_file)
+    return EXIT_EXEC_FAILED  # not reached: exec_in_vpn replaces this process or raises
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import run_checks
+    return run_checks(args.ticket, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="vpn-provider: %(message)s")
+    if args.verbose:  # our own debug lines only; pyroute2's are a flood
+        logging.getLogger("vpn_provider").setLevel(logging.DEBUG)
+    handler = {"gateway": _gateway, "exec": _exec, "check": _check}[args.command]
+    try:
+        return handler(args)
+    except VPNError as e:
+        print(f"vpn-provider: {e}", file=sys.stderr)
+        return EXIT_EXEC_FAILED if args.command == "exec" else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

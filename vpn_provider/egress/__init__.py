@@ -1,0 +1,34 @@
+"""Egress backends for the gateway namespace, selected by name or automatically."""
+from __future__ import annotations
+
+import logging
+
+from ..errors import GatewayError
+from .base import Egress
+from .pasta import Pasta
+from .slirp import Slirp4netns
+
+log = logging.getLogger(__name__)
+
+BACKENDS: dict[str, type[Egress]] = {"slirp4netns": Slirp4netns, "pasta": Pasta}
+CHOICES = ("auto", *BACKENDS)
+
+
+def select(name: str) -> type[Egress]:
+    """``auto`` takes pasta only where its version is known fast, else slirp4netns."""
+    if name != "auto":
+        backend = BACKENDS[name]
+        ok, why = backend.is_supported()
+        if not ok:
+            raise GatewayError(f"egress {name} unusable: {why}")
+        return backend
+    order = [Pasta, Slirp4netns] if Pasta.is_supported()[0] and Pasta.is_fast() else [Slirp4netns, Pasta]
+    reasons = []
+    for backend in order:
+        ok, why = backend.is_supported()
+        if ok:
+            return backend
+        log.info("egress %s rejected: %s", backend.name, why)
+        reasons.append(why)
+    raise GatewayError("no egress backend: " + "; ".join(reasons),
+                       "install slirp4netns (Debian package slirp4netns)")

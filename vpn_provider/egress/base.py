@@ -1,0 +1,74 @@
+"""An egress backend connects the gateway's namespace to the host network, both ways:
+outbound traffic of VPN clients leaves through it, and the listen port (TCP and UDP) is
+forwarded in from the host."""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from .. import linux, proc
+from ..ticket import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class Egress(abc.ABC):
+    name: str = ""
+    #: An address inside the namespace that resolves DNS with the host's resolvers.
+    dns_forwarder: str | None = None
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    @abc.abstractmethod
+    def is_supported(cls) -> tuple[bool, str]:
+        """(usable, reason when not)."""
+
+    @abc.abstractmethod
+    def start(self, *, target_pid: int, listen: Endpoint) -> None:
+        """Attach to ``target_pid``'s namespaces and forward TCP+UDP ``listen`` to the same port
+        inside. Return once the namespace has an address and a default route."""
+
+    def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+        log.debug("spawn: %s", " ".join(argv))
+        logfile = open(self.run_dir / f"{self.name}.log", "ab")
+        try:
+            # The parent-death signal ends the backend even if the gateway is SIGKILLed.
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                                    pass_fds=pass_fds,
+                                    preexec_fn=lambda: linux.set_parent_death_signal(15))
+        finally:
+            logfile.close()
+
+    def log_tail(self) -> str:
+        try:
+            lines = (self.run_dir / f"{self.name}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            proc.terminate(self.process.pid, grace=3)
+            self.process.wait()
+        self.process = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def wait_readable(fd: int, timeout: float) -> bool:
+    import select
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def read_fd_line(fd: int, timeout: float) -> bytes:
+    """One short message from a pipe, or b'' on time-out or EOF."""
+    if not wait_readable(fd, timeout):
+        return b""
+    return os.read(fd, 256)

@@ -1,0 +1,59 @@
+"""slirp4netns: libslirp's user-mode TCP/IP stack. Proven by the prototype; available everywhere."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from .. import proc
+from ..errors import GatewayError, MissingTool
+from ..ticket import Endpoint
+from .base import Egress, read_fd_line
+
+
+class Slirp4netns(Egress):
+    name = "slirp4netns"
+    dns_forwarder = "10.0.2.3"  # libslirp answers DNS here with the host's resolvers
+
+    @classmethod
+    def is_supported(cls) -> tuple[bool, str]:
+        try:
+            proc.find_tool("slirp4netns")
+        except MissingTool as e:
+            return False, str(e)
+        return True, ""
+
+    def start(self, *, target_pid: int, listen: Endpoint) -> None:
+        api = self.run_dir / "slirp4netns.sock"
+        api.unlink(missing_ok=True)
+        ready_r, ready_w = os.pipe()
+        try:
+            self.process = self._spawn(
+                [proc.find_tool("slirp4netns"), "--configure", "--mtu=65520",
+                 # VPN clients must not reach services bound to the login node's loopback.
+                 "--disable-host-loopback",
+                 f"--api-socket={api}", f"--ready-fd={ready_w}", str(target_pid), "tap0"],
+                pass_fds=(ready_w,))
+            os.close(ready_w)
+            if read_fd_line(ready_r, 10.0) != b"1":
+                raise GatewayError(f"slirp4netns did not come up: {self.log_tail() or 'no output'}")
+        finally:
+            os.close(ready_r)
+        for proto in ("tcp", "udp"):
+            self._add_hostfwd(api, proto, listen)
+
+    @staticmethod
+    def _add_hostfwd(api_path, proto: str, listen: Endpoint) -> None:
+        request = {"execute": "add_hostfwd",
+                   "arguments": {"proto": proto, "host_addr": listen.host, "host_port": listen.port,
+                                 "guest_port": listen.port}}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(api_path))
+            s.sendall(json.dumps(request).encode())
+            s.shutdown(socket.SHUT_WR)
+            reply = json.loads(s.recv(65536) or b"{}")
+        if "error" in reply:
+            desc = reply["error"].get("desc", reply["error"])
+            raise GatewayError(f"cannot listen on {listen} ({proto}): {desc}",
+                               "is another gateway or program using that port? choose --listen HOST:PORT")

@@ -1,0 +1,67 @@
+"""Typed settings of one gateway. Everything lives in ``state_dir``; two gateways need two dirs."""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from pathlib import Path
+
+from ..egress import CHOICES
+from ..ticket import Endpoint
+
+DEFAULT_LISTEN = "0.0.0.0:8443"
+# CGNAT space: rarely used inside HPC sites, so it seldom shadows a real destination.
+DEFAULT_POOL = "100.64.0.0/16"
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+    state_dir: Path
+    listen: Endpoint = Endpoint.parse(DEFAULT_LISTEN)
+    dns: tuple[str, ...] = ()  # empty: the host's resolv.conf
+    pool: ipaddress.IPv4Network = ipaddress.IPv4Network(DEFAULT_POOL)
+    egress: str = "auto"
+    advertise: tuple[Endpoint, ...] = ()  # empty: every non-loopback address of this host
+    mtu: int = 1400
+
+    def __post_init__(self) -> None:
+        if self.egress not in CHOICES:
+            raise ValueError(f"egress must be one of {', '.join(CHOICES)}")
+        if self.pool.prefixlen > 30:
+            raise ValueError(f"pool {self.pool} is too small (need /30 or larger)")
+        for d in self.dns:
+            ipaddress.ip_address(d)
+        if not 576 <= self.mtu <= 9000:
+            raise ValueError(f"mtu {self.mtu} outside 576..9000")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    def cli_args(self) -> list[str]:
+        """The ``gateway run`` options that rebuild this config."""
+        args = ["--state-dir", str(self.state_dir), "--listen", str(self.listen),
+                "--pool", str(self.pool), "--egress", self.egress, "--mtu", str(self.mtu)]
+        if self.dns:
+            args += ["--dns", ",".join(self.dns)]
+        for a in self.advertise:
+            args += ["--advertise", str(a)]
+        return args
+
+
+def host_resolvers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
+    """Nameservers of this host, minus loopback ones (clients cannot reach our 127.0.0.1)."""
+    try:
+        text = Path(resolv_conf).read_text()
+    except OSError:
+        return []
+    found = re.findall(r"^\s*nameserver\s+(\S+)", text, flags=re.M)
+    out = []
+    for ns in found:
+        try:
+            ip = ipaddress.ip_address(ns.split("%")[0])
+        except ValueError:
+            continue
+        if not ip.is_loopback and ip.version == 4:
+            out.append(str(ip))
+    return out

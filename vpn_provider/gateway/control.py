@@ -1,0 +1,138 @@
+"""``Gateway``: start, stop and query a gateway that runs detached (``gateway start|stop|status``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import proc
+from ..errors import GatewayError
+from ..ticket import Ticket
+from .config import GatewayConfig
+from .supervisor import read_pid
+
+
+@dataclasses.dataclass(frozen=True)
+class Client:
+    user: str
+    vpn_ip: str
+    remote_ip: str
+    since: str
+    dtls_cipher: str
+
+
+class Gateway:
+    """A detached gateway. As a context manager it starts on entry and stops on exit::
+
+        with Gateway(GatewayConfig(state_dir=Path("~/.vpn").expanduser())) as gw:
+            ticket = gw.ticket
+    """
+
+    def __init__(self, config: GatewayConfig, *, start_timeout: float = 30.0):
+        self.config = dataclasses.replace(config, state_dir=config.state_dir.expanduser().resolve())
+        self.start_timeout = start_timeout
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
+
+    @property
+    def ticket_path(self) -> Path:
+        return self.state_dir / "ticket.json"
+
+    @property
+    def ticket(self) -> Ticket:
+        return Ticket.load(self.ticket_path)
+
+    @property
+    def pid(self) -> int:
+        return read_pid(self.state_dir)
+
+    def start(self) -> dict:
+        """Return only once the gateway accepts connections; raise GatewayError otherwise."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ready_r, ready_w = os.pipe()
+        log = open(self.state_dir / "gateway.log", "ab")
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "vpn_provider", "gateway", "run", *self.config.cli_args(),
+                 "--ready-fd", str(ready_w)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_w,),
+                start_new_session=True)
+        finally:
+            log.close()
+            os.close(ready_w)
+        try:
+            line = _read_line(ready_r, self.start_timeout)
+        finally:
+            os.close(ready_r)
+        if line.startswith("READY "):
+            return json.loads(line[6:])
+        if child.poll() is None:
+            proc.terminate(child.pid, grace=5, group=True)
+        child.wait()
+        if line.startswith("ERROR "):
+            raise GatewayError(line[6:].removeprefix("gateway: "))
+        raise GatewayError(f"did not come up within {self.start_timeout:g} s",
+                           f"see {self.state_dir / 'gateway.log'}")
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the gateway and every process it started. Returns False if none was running."""
+        pid = self.pid
+        if not pid:
+            return False
+        # The supervisor leads its own session, so the group holds ocserv and the egress too.
+        proc.terminate(pid, grace=timeout, group=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _group_alive(pid):
+            time.sleep(0.05)
+        if _group_alive(pid):
+            os.killpg(pid, 9)
+        (self.state_dir / "gateway.pid").unlink(missing_ok=True)
+        return True
+
+    def clients(self) -> list[Client]:
+        if not self.pid:
+            raise GatewayError(f"no gateway runs with state dir {self.state_dir}")
+        out = proc.run(["occtl", "--socket-file", str(self.config.run_dir / "occtl.sock"), "--json",
+                        "show", "users"], timeout=10).stdout
+        users = json.loads(out or "[]")
+        return [Client(user=u.get("Username", ""), vpn_ip=u.get("IPv4", ""),
+                       remote_ip=u.get("Remote IP", ""), since=u.get("_Connected at", u.get("Connected at", "")),
+                       dtls_cipher=u.get("DTLS cipher", "")) for u in users]
+
+    def __enter__(self) -> "Gateway":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    import select
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,92 @@
+"""The gateway's namespace: a forked child that creates a user+net+mount namespace, waits for
+the egress backend to attach, then execs ocserv as root *of that namespace only*."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from .. import linux
+from ..errors import GatewayError
+from ..egress.base import read_fd_line
+
+
+class GatewayNamespace:
+    def __init__(self, ocserv_argv: list[str], log_path: str):
+        self.ocserv_argv = ocserv_argv
+        self.log_path = log_path
+        self.pid = 0
+
+    def spawn(self) -> None:
+        """Fork; return once the child is inside its new namespaces."""
+        down_r, self._down_w = os.pipe()
+        self._up_r, up_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self._down_w)
+            os.close(self._up_r)
+            self._child(down_r, up_w)
+        os.close(down_r)
+        os.close(up_w)
+        self._expect(b"ns", "creating the gateway namespace")
+
+    def release(self) -> None:
+        """Tell the child the egress is attached; return once ocserv has been exec'd."""
+        os.write(self._down_w, b"go")
+        os.close(self._down_w)
+        self._expect(b"", "configuring the gateway namespace", timeout=15.0)
+        os.close(self._up_r)
+
+    def _expect(self, want: bytes, step: str, timeout: float = 5.0) -> None:
+        got = read_fd_line(self._up_r, timeout)
+        if got.startswith(b"error:"):
+            raise GatewayError(f"{step}: {got[6:].decode(errors='replace').strip()}")
+        if got != want:
+            raise GatewayError(f"{step}: no answer within {timeout:g} s")
+
+    def _child(self, down_r: int, up_w: int) -> None:
+        try:
+            linux.set_parent_death_signal(signal.SIGTERM)
+            # uid 0 inside satisfies ocserv's root check. A non-zero gid inside makes ocserv's
+            # workers skip setgroups(), which an unprivileged user namespace always refuses.
+            linux.enter_user_namespace(inner_uid=0, inner_gid=os.getgid() or 1,
+                                       flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
+            linux.make_mounts_private()
+            from pyroute2 import IPRoute  # noqa: PLC0415 - import after fork, inside the namespace
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                os.write(up_w, b"ns")
+                if os.read(down_r, 16) != b"go":
+                    os._exit(1)
+                egress_if = _wait_default_route(ipr, timeout=10.0)
+            _sysctl("net/ipv4/ip_forward", "1")
+            # Answer ARP for client addresses on the egress link, so the egress backend can
+            # deliver replies to VPN clients without NAT (no iptables needed).
+            _sysctl(f"net/ipv4/conf/{egress_if}/proxy_arp", "1")
+            log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.set_inheritable(up_w, False)  # EOF on exec tells the parent we got this far
+            os.execv(self.ocserv_argv[0], self.ocserv_argv)
+        except BaseException as e:  # noqa: BLE001 - report any failure to the parent, then die
+            try:
+                os.write(up_w, f"error: {e}".encode()[:250])
+            finally:
+                os._exit(1)
+
+
+def _wait_default_route(ipr, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for route in ipr.get_default_routes(family=socket.AF_INET):
+            oif = route.get_attr("RTA_OIF")
+            if oif:
+                return ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+        time.sleep(0.02)
+    raise GatewayError("egress gave the namespace no default route")
+
+
+def _sysctl(name: str, value: str) -> None:
+    with open(f"/proc/sys/{name}", "w") as f:
+        f.write(value)

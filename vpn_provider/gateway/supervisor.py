@@ -1,0 +1,198 @@
+"""``gateway run``: bring the gateway up in the foreground and keep it up until told to stop.
+
+Process tree: this supervisor -> {egress backend, ocserv (in its namespace) -> sec-mod, workers}.
+Every child gets a parent-death signal, so even a SIGKILLed supervisor leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+from .. import egress, proc
+from ..errors import GatewayError, VPNError
+from ..ticket import Endpoint, Ticket
+from . import ocserv_conf
+from .config import GatewayConfig, host_resolvers
+from .credentials import ensure_credentials, pin_of
+from .namespace import GatewayNamespace
+
+log = logging.getLogger(__name__)
+
+
+def advertised_endpoints(cfg: GatewayConfig) -> tuple[Endpoint, ...]:
+    if cfg.advertise:
+        return cfg.advertise
+    if cfg.listen.host not in ("0.0.0.0", "", "::"):
+        return (cfg.listen,)
+    from pyroute2 import IPRoute  # noqa: PLC0415
+    with IPRoute() as ipr:
+        addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
+    hosts = [a for a in addrs if a and not a.startswith("127.")]
+    if not hosts:
+        raise GatewayError("this host has no non-loopback IPv4 address to advertise",
+                           "pass --advertise HOST:PORT")
+    return tuple(Endpoint(h, cfg.listen.port) for h in hosts)
+
+
+def probe_pin(endpoint: Endpoint, timeout: float) -> str:
+    """TLS-handshake with ``endpoint`` and return the pin of the certificate it presents."""
+    host = "127.0.0.1" if endpoint.host in ("0.0.0.0", "") else endpoint.host
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # we compare the pin ourselves
+    with socket.create_connection((host, endpoint.port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return pin_of(ssl.DER_cert_to_PEM_cert(der).encode())
+
+
+def _wait_accepting(cfg: GatewayConfig, pin: str, alive, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise GatewayError("ocserv exited during start-up",
+                               f"see {cfg.state_dir / 'ocserv.log'}")
+        try:
+            if probe_pin(cfg.listen, timeout=2.0) == pin:
+                return
+            last = "a different certificate answers (another gateway on this port?)"
+        except (OSError, ssl.SSLError) as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise GatewayError(f"not accepting connections on {cfg.listen} after {timeout:g} s ({last})")
+
+
+class Supervisor:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self.ns: GatewayNamespace | None = None
+        self.egress: egress.Egress | None = None
+        self._stop = False
+
+    def bring_up(self) -> Ticket:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(cfg.state_dir, 0o700)
+        cfg.run_dir.mkdir(mode=0o700, exist_ok=True)
+        endpoints = advertised_endpoints(cfg)
+        creds = ensure_credentials(cfg.state_dir, [e.host for e in endpoints])
+        backend = egress.select(cfg.egress)
+        dns = cfg.dns or tuple(host_resolvers()) or (
+            (backend.dns_forwarder,) if backend.dns_forwarder else ())
+        if not dns:
+            raise GatewayError("no DNS resolver to push to clients", "pass --dns IP[,IP]")
+        conf = cfg.state_dir / "ocserv.conf"
+        conf.write_text(ocserv_conf.render(ocserv_conf.OcservSettings(
+            port=cfg.listen.port, pool=cfg.pool, dns=dns, server_cert=creds.server_cert,
+            server_key=creds.server_key, passwd_file=creds.passwd_file, run_dir=cfg.run_dir,
+            mtu=cfg.mtu)))
+        self.ns = GatewayNamespace([proc.find_tool("ocserv"), "--foreground", "--config", str(conf)],
+                                   str(cfg.state_dir / "ocserv.log"))
+        self.ns.spawn()
+        self.egress = backend(cfg.run_dir)
+        self.egress.start(target_pid=self.ns.pid, listen=cfg.listen)
+        self.ns.release()
+        _wait_accepting(cfg, creds.pin, self._ocserv_alive)
+        ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret)
+        ticket.save(cfg.state_dir / "ticket.json")
+        log.info("gateway up on %s (egress %s, dns %s)", cfg.listen, backend.name, ",".join(dns))
+        return ticket
+
+    def _ocserv_alive(self) -> bool:
+        if not self.ns or not self.ns.pid:
+            return False
+        try:
+            return os.waitpid(self.ns.pid, os.WNOHANG)[0] == 0
+        except ChildProcessError:
+            return False
+
+    def serve(self) -> int:
+        """Block until SIGTERM/SIGINT, or until ocserv or the egress dies (then exit non-zero)."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        while not self._stop:
+            if not self._ocserv_alive():
+                log.error("ocserv exited; stopping the gateway")
+                return 1
+            if self.egress and not self.egress.alive():
+                log.error("%s exited (%s); stopping the gateway", self.egress.name, self.egress.log_tail())
+                return 1
+            time.sleep(0.2)
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop = True
+
+    def tear_down(self) -> None:
+        if self.ns and self.ns.pid and self._ocserv_alive():
+            proc.terminate(self.ns.pid, grace=5)
+        if self.ns and self.ns.pid:
+            try:
+                os.waitpid(self.ns.pid, 0)
+            except ChildProcessError:
+                pass
+        if self.egress:
+            self.egress.stop()
+
+
+def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
+    """Foreground gateway. ``ready_fd`` gets one line, ``READY {json}`` or ``ERROR message``."""
+    pidfile = cfg.state_dir / "gateway.pid"
+    other = read_pid(cfg.state_dir)
+    if other:
+        msg = f"a gateway (pid {other}) already runs with state dir {cfg.state_dir}"
+        _report(ready_fd, f"ERROR {msg}")
+        raise GatewayError(msg, "stop it first, or use another --state-dir")
+    sup = Supervisor(cfg)
+    try:
+        # Signals during start-up must still clean up, so turn them into an exception.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _raise_interrupt)
+        ticket = sup.bring_up()
+        pidfile.write_text(f"{os.getpid()}\n")
+        _report(ready_fd, "READY " + json.dumps({"gateways": [str(g) for g in ticket.gateways],
+                                                 "ticket": str(cfg.state_dir / "ticket.json")}))
+        return sup.serve()
+    except VPNError as e:
+        _report(ready_fd, f"ERROR {e}")
+        raise
+    except KeyboardInterrupt:
+        _report(ready_fd, "ERROR interrupted during start-up")
+        return 130
+    finally:
+        sup.tear_down()
+        pidfile.unlink(missing_ok=True)
+
+
+def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def _report(fd: int | None, line: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def read_pid(state_dir: Path) -> int:
+    """PID of the live gateway supervisor for ``state_dir``, or 0."""
+    try:
+        pid = int((state_dir / "gateway.pid").read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return 0
+    # Guard against a recycled pid: it must be a gateway run for this very state dir.
+    if b"run" in cmdline and str(state_dir).encode() in cmdline:
+        return pid
+    return 0

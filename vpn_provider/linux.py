@@ -1,0 +1,104 @@
+"""Thin ctypes wrappers for the Linux calls Python 3.11 lacks (unshare, setns, mount, prctl).
+
+Everything here runs as an ordinary user: the caps come from the user namespace we create.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import struct
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_BIND = 4096
+
+PR_SET_PDEATHSIG = 1
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), None),
+           f"mount {target}")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0), "prctl")
+
+
+def enter_user_namespace(*, inner_uid: int, inner_gid: int, flags: int = 0) -> None:
+    """unshare a new user namespace (plus ``flags``) mapping our uid/gid to the given inner ids.
+
+    An unprivileged process may map only its own ids, and must deny setgroups first.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    unshare(CLONE_NEWUSER | flags)
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{inner_uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{inner_gid} {gid} 1")
+
+
+def make_mounts_private() -> None:
+    """Stop mounts we make in a new mount namespace from propagating anywhere."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def bind_mount(source: str, target: str) -> None:
+    mount(source, target, None, MS_BIND)
+
+
+def create_tun(name: str) -> int:
+    """Create tun device ``name`` in the current network namespace; return its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def user_namespaces_allowed() -> tuple[bool, str]:
+    """Try to create a user+net namespace in a throwaway child; report why not if it fails."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            enter_user_namespace(inner_uid=0, inner_gid=0, flags=CLONE_NEWNET | CLONE_NEWNS)
+            os._exit(0)
+        except OSError as e:
+            os._exit(100 + (e.errno or 0) % 100)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return True, ""
+    return False, os.strerror(code - 100) if code >= 100 else f"child exit {code}"
+

@@ -1,0 +1,60 @@
+"""Configure the worker's namespace with pyroute2: lo, the tun device, routes, and DNS."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+from pyroute2 import IPRoute
+
+from .. import linux
+from .vpnc_env import TunnelParams
+
+# Unix sockets through which glibc would resolve names on the *host's* network, not ours.
+_HOST_RESOLVER_SOCKETS = ("/run/nscd", "/var/run/nscd", "/run/systemd/resolve")
+
+
+def configure_links(p: TunnelParams) -> None:
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        tun = ipr.link_lookup(ifname=p.tundev)[0]
+        ipr.link("set", index=tun, mtu=p.mtu, state="up")
+        ipr.addr("add", index=tun, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
+        if p.split_include:
+            for net in p.split_include:
+                ipr.route("add", dst=str(net), oif=tun)
+        else:
+            ipr.route("add", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
+
+
+def resolv_conf_text(p: TunnelParams) -> str:
+    lines = [f"nameserver {d}" for d in p.dns]
+    if p.search_domain:
+        lines.append(f"search {p.search_domain}")
+    # One fast retry instead of glibc's 5 s default, so a lost datagram cannot stall a job.
+    lines.append("options timeout:2 attempts:3")
+    return "\n".join(lines) + "\n"
+
+
+def install_resolv_conf(text: str) -> None:
+    """Bind-mount our resolv.conf over /etc/resolv.conf in this mount namespace.
+
+    The source file is unlinked right after mounting: the mount keeps it alive, and nothing is
+    left on disk when the namespace goes away.
+    """
+    fd, path = tempfile.mkstemp(prefix="vpn-provider-resolv.", suffix=".conf")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        linux.bind_mount(path, "/etc/resolv.conf")
+    finally:
+        os.unlink(path)
+    for sock_dir in _HOST_RESOLVER_SOCKETS:
+        if os.path.isdir(sock_dir):
+            empty = tempfile.mkdtemp(prefix="vpn-provider-empty.")
+            try:
+                linux.bind_mount(empty, sock_dir)
+            finally:
+                os.rmdir(empty)

@@ -1,0 +1,238 @@
+"""Bring the tunnel up for one command, then become that command.
+
+Sequence (every step unprivileged):
+  1. fork openconnect's process while we are still in the host's network namespace;
+  2. enter a new user+network+mount namespace and create the tun device there;
+  3. pass the tun fd to openconnect (SCM_RIGHTS); a preload shim makes openconnect use it;
+  4. wait for openconnect's script to report the tunnel parameters (the readiness handshake);
+  5. configure addresses, routes, MTU and DNS with pyroute2 and a bind-mounted resolv.conf;
+  6. exec CMD in place of this process, so its exit status and signals pass straight through.
+openconnect stays CMD's child with a parent-death signal: when CMD ends, the tunnel ends.
+"""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from .. import linux, proc
+from ..errors import TunnelError
+from ..ticket import Endpoint, Ticket
+from . import netconfig, vpnc_env
+from .diagnose import classify
+
+log = logging.getLogger(__name__)
+
+TUN_NAME = "vpn0"
+_REPORT_FD, _TUN_FD = 3, 4  # fixed numbers in openconnect's process, so the script can say >&3
+_END = b"VPNP_REPORT_END=1\0"
+# openconnect runs this with /bin/sh -c for every state change; we only want "connect".
+_SCRIPT = "case \"$reason\" in connect) env -0 >&3; printf 'VPNP_REPORT_END=1\\0' >&3;; esac; exit 0"
+
+
+def preload_library() -> str:
+    spec = importlib.util.find_spec("vpn_provider._tunfd_preload")
+    if spec is None or not spec.origin:
+        raise TunnelError("the tun preload library is missing", "reinstall vpn-provider (needs a C compiler)")
+    return spec.origin
+
+
+def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float) -> Endpoint:
+    """The first gateway address that accepts a TCP connection; tried in parallel."""
+    if len(endpoints) == 1:
+        return endpoints[0]
+    pending: dict[socket.socket, Endpoint] = {}
+    for ep in endpoints:
+        try:
+            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setblocking(False)
+            if s.connect_ex((ep.host, ep.port)) in (0, errno.EINPROGRESS):
+                pending[s] = ep
+            else:
+                s.close()
+        except OSError:
+            continue
+    deadline = time.monotonic() + timeout
+    try:
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], deadline - time.monotonic())
+            for s in writable:
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    return pending[s]
+                s.close()
+                del pending[s]
+    finally:
+        for s in pending:
+            s.close()
+    return endpoints[0]  # none answered: let openconnect produce the precise error
+
+
+class Tunnel:
+    def __init__(self, ticket: Ticket, *, timeout: float = 15.0, log_file: Path | None = None):
+        self.ticket = ticket
+        self.timeout = timeout
+        self.log_file = log_file
+        self.child_pid = 0
+        self.endpoint: Endpoint | None = None
+
+    def openconnect_argv(self, endpoint: Endpoint) -> list[str]:
+        return [proc.find_tool("openconnect"), "--protocol=anyconnect", "--non-inter",
+                "--passwd-on-stdin", f"--user={self.ticket.user}",
+                f"--servercert={self.ticket.pin}", f"--script={_SCRIPT}",
+                f"https://{endpoint}/"]
+
+    def establish(self) -> vpnc_env.TunnelParams:
+        """Return once CMD may run: this process is then inside the configured namespace."""
+        deadline = time.monotonic() + self.timeout
+        shim = preload_library()
+        self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
+        argv = self.openconnect_argv(self.endpoint)
+        if self.log_file:
+            log_fd = os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        else:
+            log_fd = os.memfd_create("openconnect-log", os.MFD_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        passwd_r, passwd_w = os.pipe2(os.O_CLOEXEC)
+        os.write(passwd_w, (self.ticket.secret + "\n").encode())  # fits the pipe buffer
+        os.close(passwd_w)
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.child_pid = os.fork()
+        if self.child_pid == 0:
+            parent_end.close()
+            _openconnect_child(argv, shim, child_end, passwd_r, log_fd, report_w)
+        child_end.close()
+        os.close(passwd_r)
+        os.close(report_w)
+        try:
+            linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
+                                       flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
+            linux.make_mounts_private()
+            tun_fd = linux.create_tun(TUN_NAME)
+            socket.send_fds(parent_end, [b"tun"], [tun_fd])
+            os.close(tun_fd)
+            parent_end.close()
+            params = self._await_report(report_r, log_fd, deadline)
+            netconfig.configure_links(params)
+            netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
+        except BaseException as e:
+            self.kill_child()
+            if isinstance(e, TunnelError):
+                raise
+            if isinstance(e, (OSError, ValueError)):
+                raise TunnelError(f"setting up the worker namespace: {e}") from None
+            raise
+        finally:
+            os.close(report_r)
+            os.close(log_fd)
+        log.debug("tunnel up via %s: %s", self.endpoint, params)
+        return params
+
+    def _await_report(self, report_r: int, log_fd: int, deadline: float) -> vpnc_env.TunnelParams:
+        buf = b""
+        while _END not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill_child()
+                raise TunnelError(f"no tunnel to {self.endpoint} within {self.timeout:g} s",
+                                  _timeout_hint(_read_all(log_fd)))
+            ready, _, _ = select.select([report_r], [], [], min(left, 0.1))
+            if ready:
+                chunk = os.read(report_r, 65536)
+                if chunk:
+                    buf += chunk
+                    continue
+                time.sleep(0.01)  # EOF: openconnect closed the pipe, so it is exiting
+            if not _still_running(self.child_pid):
+                self.child_pid = 0
+                raise classify(_read_all(log_fd), str(self.endpoint))
+        try:
+            return vpnc_env.parse(vpnc_env.parse_nul_separated(buf.split(_END)[0]))
+        except ValueError as e:
+            raise TunnelError(f"bad tunnel parameters from the gateway: {e}") from None
+
+    def kill_child(self) -> None:
+        if self.child_pid:
+            proc.terminate(self.child_pid, grace=3)
+            try:
+                os.waitpid(self.child_pid, 0)
+            except ChildProcessError:
+                pass
+            self.child_pid = 0
+
+
+def _still_running(pid: int) -> bool:
+    """True while openconnect still runs (reaps it when it has exited)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+    except ChildProcessError:
+        return False
+
+
+def _timeout_hint(openconnect_log: str) -> str:
+    if "Connected to" not in openconnect_log and "SSL negotiation" not in openconnect_log:
+        return "the gateway address is not answering; is a firewall dropping it?"
+    return "the gateway answered but the tunnel did not come up; raise --timeout or see --log-file"
+
+
+def _read_all(fd: int) -> str:
+    chunks, offset = [], 0
+    while True:
+        data = os.pread(fd, 65536, offset)
+        if not data:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(data)
+        offset += len(data)
+
+
+def _openconnect_child(argv: list[str], shim: str, fd_sock: socket.socket, passwd_r: int,
+                       log_fd: int, report_w: int) -> NoReturn:
+    """Runs in the forked child: wait for the tun fd, then become openconnect."""
+    try:
+        parent = os.getppid()
+        linux.set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+        _, fds, _, _ = socket.recv_fds(fd_sock, 16, 1)
+        if not fds:
+            os._exit(1)  # the parent gave up before creating the tun device
+        for src, dst in ((passwd_r, 0), (log_fd, 1), (log_fd, 2), (report_w, _REPORT_FD), (fds[0], _TUN_FD)):
+            os.dup2(src, dst)  # dup2 clears close-on-exec on dst
+        os.closerange(_TUN_FD + 1, _max_fd())
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = shim + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+        env["VPNP_TUN_FD"] = str(_TUN_FD)
+        os.execve(argv[0], argv, env)
+    except BaseException:  # noqa: BLE001 - never return into the parent's code
+        pass
+    os._exit(1)
+
+
+def _max_fd() -> int:
+    try:
+        return max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return 1024
+
+
+def exec_in_vpn(ticket: Ticket, argv: list[str], *, timeout: float = 15.0,
+                log_file: Path | None = None) -> NoReturn:
+    """Replace this process with ``argv`` running inside the VPN. Raises TunnelError if the
+    tunnel cannot be set up; never returns otherwise."""
+    if not shutil.which(argv[0]):
+        raise TunnelError(f"command not found: {argv[0]}")
+    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file)
+    tunnel.establish()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        tunnel.kill_child()
+        raise TunnelError(f"cannot run {argv[0]}: {e.strerror}") from None
