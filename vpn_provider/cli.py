@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="diagnose whether this node can use the VPN")
     ck.add_argument("--ticket", type=Path, required=True)
     ck.add_argument("--timeout", type=_positive, default=15.0)
+    ck.add_argument("--dns-name", default="cern.ch",
+                    help="name to look up through the tunnel (default cern.ch)")
     return p
 
 
@@ -131,7 +133,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from .check import run_checks
-    return run_checks(args.ticket, timeout=args.timeout)
+    return run_checks(args.ticket, timeout=args.timeout, dns_name=args.dns_name)
 
 
 def main(argv: list[str] | None = None) -> int:

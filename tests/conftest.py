@@ -1,0 +1,101 @@
+"""Fixtures for the three test tiers: pure, user-namespace, and the simulated site (root builds it;
+every product process runs as the site's unprivileged user)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+VP = str(Path(sys.executable).parent / "vpn-provider")
+SITE_TOOLS = ("ocserv", "openconnect", "slirp4netns", "dnsmasq", "xrootd", "xrdcp", "curl", "iptables")
+
+
+def _site_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "building the simulated site needs root (run the README's test command as root)"
+    missing = [t for t in SITE_TOOLS if not shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin")]
+    if missing:
+        return f"missing site tools {missing}: run the README's test command, which installs them"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _site_skip_reason()
+    if reason:
+        for item in items:
+            if "site" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+class SiteEnv:
+    """A built site with DNS/HTTP/XRootD on the internet host and one running gateway."""
+
+    def __init__(self, site, http_url, xrootd_url, big_sha, gateway_dir):
+        self.site, self.http_url, self.xrootd_url, self.big_sha = site, http_url, xrootd_url, big_sha
+        self.gateway_dir = gateway_dir
+        self.ticket = gateway_dir / "ticket.json"
+        self.node = site.nodes[0]
+        self.baseline: set[int] = set()
+
+    def vp(self, host, *args, timeout=120, **kw):
+        return self.site.run_user(host, [VP, *args], timeout=timeout, **kw)
+
+    def exec_(self, *cmd, ticket=None, extra=(), timeout=120, **kw):
+        return self.vp(self.node, "exec", "--ticket", str(ticket or self.ticket), *extra, "--", *cmd,
+                       timeout=timeout, **kw)
+
+    def leftovers(self, timeout: float = 10.0) -> set[int]:
+        """User processes beyond the gateway's own, after waiting for them to go away."""
+        wait_until(lambda: set(self.site.user_pids()) <= self.baseline, timeout)
+        return set(self.site.user_pids()) - self.baseline
+
+    def write_ticket(self, name: str, text: str, mode: int = 0o600) -> Path:
+        path = self.site.home / name
+        path.write_text(text)
+        os.chmod(path, mode)
+        shutil.chown(path, self.site.user, self.site.user)
+        return path
+
+
+@pytest.fixture(scope="session")
+def site_env():
+    reason = _site_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from vpn_provider.sim import data, services
+    from vpn_provider.sim.site import Site
+    prior_mode = os.stat("/dev/net/tun").st_mode & 0o777
+    # Model an ordinary compute node: distributions ship /dev/net/tun as 0666 (see README).
+    os.chmod("/dev/net/tun", 0o666)
+    site = Site(nodes=1).build()
+    try:
+        docroot = services.docroot(site)
+        big_sha = data.random_file(docroot / "big.bin", 200)
+        data.nanoaod_file(docroot / "events.root", n_events=20_000)
+        services.start_dns(site)
+        http_url = services.start_http(site, docroot)
+        xrootd_url = services.start_xrootd(site, docroot)
+        gateway_dir = site.home / "gw-main"
+        env = SiteEnv(site, http_url, xrootd_url, big_sha, gateway_dir)
+        started = env.vp(site.login, "gateway", "start", "--state-dir", str(gateway_dir))
+        assert started.returncode == 0, started.stderr
+        env.baseline = set(site.user_pids())
+        yield env
+        env.vp(site.login, "gateway", "stop", "--state-dir", str(gateway_dir))
+    finally:
+        site.close()
+        os.chmod("/dev/net/tun", prior_mode)

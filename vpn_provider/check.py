@@ -1,0 +1,155 @@
+"""``vpn-provider check``: a verdict and a remedy for each thing a new site needs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import linux, proc
+from .errors import MissingTool, TicketError, TunnelError
+from .gateway.supervisor import probe_pin
+from .ticket import Ticket
+from .worker.tunnel import preload_library
+
+OK, FAIL, WARN = "ok", "FAIL", "warn"
+
+
+@dataclasses.dataclass
+class Finding:
+    item: str
+    verdict: str
+    detail: str
+    remedy: str = ""
+
+
+def _namespaces() -> list[Finding]:
+    allowed, why = linux.user_namespaces_allowed()
+    out = [Finding("user namespaces", OK if allowed else FAIL, "allowed" if allowed else why,
+                   "" if allowed else "ask the site to allow unprivileged user namespaces "
+                   "(user.max_user_namespaces > 0; kernel.apparmor_restrict_unprivileged_userns=0)")]
+    if not allowed:
+        return out
+    pid = os.fork()
+    if pid == 0:
+        try:
+            linux.enter_user_namespace(inner_uid=0, inner_gid=0, flags=linux.CLONE_NEWNET)
+            os.close(linux.create_tun("vpncheck0"))
+            os._exit(0)
+        except OSError as e:
+            os._exit(100 + (e.errno or 0) % 100)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code == 0:
+        out.append(Finding("/dev/net/tun", OK, "a tun device can be created in a user namespace"))
+    else:
+        err = os.strerror(code - 100) if code >= 100 else f"exit {code}"
+        out.append(Finding("/dev/net/tun", FAIL, err,
+                           "ask the site to make /dev/net/tun mode 0666 (the default on most distributions)"))
+    return out
+
+
+def _binaries() -> list[Finding]:
+    out = []
+    for tool, needed_on in (("openconnect", "compute nodes"), ("ocserv", "the gateway host"),
+                            ("occtl", "the gateway host"), ("slirp4netns", "the gateway host"),
+                            ("pasta", "the gateway host (optional)")):
+        try:
+            path = proc.find_tool(tool)
+            out.append(Finding(f"binary {tool}", OK, f"{path} {proc.tool_version(tool)}".strip()))
+        except MissingTool as e:
+            verdict = FAIL if tool == "openconnect" else WARN
+            out.append(Finding(f"binary {tool}", verdict, "not found", f"{e} (needed on {needed_on})"))
+    try:
+        out.append(Finding("tun preload library", OK, preload_library()))
+    except TunnelError as e:
+        out.append(Finding("tun preload library", FAIL, "missing", e.remedy))
+    return out
+
+
+def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
+    out = []
+    for ep in ticket.gateways:
+        try:
+            with socket.create_connection((ep.host, ep.port), timeout=min(timeout, 5)):
+                pass
+            out.append(Finding(f"TCP to {ep}", OK, "connected"))
+        except OSError as e:
+            out.append(Finding(f"TCP to {ep}", FAIL, e.strerror or str(e),
+                               "is the gateway running? can this node reach that address?"))
+            continue
+        try:
+            pin = probe_pin(ep, timeout=min(timeout, 5))
+            if pin == ticket.pin:
+                out.append(Finding(f"pin of {ep}", OK, "matches the ticket"))
+            else:
+                out.append(Finding(f"pin of {ep}", FAIL, f"server presents {pin}",
+                                   "the ticket is from another gateway; copy the current ticket.json"))
+        except (OSError, ssl.SSLError) as e:
+            out.append(Finding(f"pin of {ep}", FAIL, f"TLS handshake failed: {e}",
+                               "is something other than the gateway listening there?"))
+    return out
+
+
+_DNS_PROBE = """
+import socket, sys
+try:
+    print(socket.gethostbyname(sys.argv[1])); sys.exit(0)
+except socket.gaierror as e:
+    print(e); sys.exit(3 if e.errno == socket.EAI_NONAME else 4)
+"""
+
+
+def _tunnel(ticket_path: Path, timeout: float, dns_name: str) -> list[Finding]:
+    with tempfile.NamedTemporaryFile(prefix="vpn-check-", suffix=".log") as log:
+        argv = [sys.executable, "-m", "vpn_provider", "exec", "--ticket", str(ticket_path),
+                "--timeout", str(timeout), "--log-file", log.name, "--",
+                sys.executable, "-c", _DNS_PROBE, dns_name]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            return [Finding("tunnel", FAIL, f"no result within {timeout + 30:g} s")]
+        oc_log = Path(log.name).read_text(errors="replace")
+    if done.returncode == 125:
+        return [Finding("authentication + tunnel", FAIL, done.stderr.strip().removeprefix("vpn-provider: "))]
+    out = [Finding("authentication + tunnel", OK, "tunnel came up")]
+    if re.search(r"Established DTLS connection", oc_log):
+        out.append(Finding("UDP (DTLS data channel)", OK, "DTLS established"))
+    else:
+        out.append(Finding("UDP (DTLS data channel)", WARN, "DTLS did not come up; traffic uses TLS over TCP",
+                           "allow UDP to the gateway's port for better throughput"))
+    answer = done.stdout.strip()
+    if done.returncode == 0:
+        out.append(Finding(f"DNS through tunnel ({dns_name})", OK, f"resolves to {answer}"))
+    elif done.returncode == 3:
+        out.append(Finding(f"DNS through tunnel ({dns_name})", OK, "resolver answered: no such name"))
+    else:
+        out.append(Finding(f"DNS through tunnel ({dns_name})", FAIL, answer or done.stderr.strip(),
+                           "check the gateway's --dns resolvers"))
+    return out
+
+
+def run_checks(ticket_path: Path, *, timeout: float = 15.0, dns_name: str = "cern.ch") -> int:
+    findings = _namespaces() + _binaries()
+    try:
+        ticket = Ticket.load(ticket_path)
+        findings.append(Finding("ticket", OK, f"{len(ticket.gateways)} gateway address(es), user {ticket.user}"))
+    except TicketError as e:
+        findings.append(Finding("ticket", FAIL, e.problem, e.remedy))
+        ticket = None
+    if ticket:
+        reach = _reachability(ticket, timeout)
+        findings += reach
+        if any(f.verdict == OK and f.item.startswith("pin") for f in reach):
+            findings += _tunnel(ticket_path, timeout, dns_name)
+    width = max(len(f.item) for f in findings)
+    for f in findings:
+        line = f"{f.item:<{width}}  {f.verdict:<4}  {f.detail}"
+        print(line + (f"\n{'':<{width}}        -> {f.remedy}" if f.remedy and f.verdict != OK else ""))
+    failed = [f for f in findings if f.verdict == FAIL]
+    print(f"\nsummary: {len(findings) - len(failed)} of {len(findings)} checks without failure")
+    return 1 if failed else 0

@@ -1,0 +1,22 @@
+"""Python API for running commands in the VPN."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def vpn_command(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0) -> list[str]:
+    """The argv that runs ``argv`` inside the VPN: for subprocess, launchers and wrappers."""
+    return [sys.executable, "-m", "vpn_provider", "exec", "--ticket", str(Path(ticket).expanduser()),
+            "--timeout", f"{timeout:g}", "--", *argv]
+
+
+def run(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0,
+        **kwargs) -> subprocess.CompletedProcess:
+    """Run ``argv`` inside the VPN and wait for it, like ``subprocess.run``.
+
+    Exit status 125 means the tunnel could not be set up; stderr then holds one line saying why.
+    """
+    return subprocess.run(vpn_command(ticket, argv, timeout=timeout), **kwargs)
