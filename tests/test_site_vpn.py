@@ -77,7 +77,7 @@ def test_falls_back_to_tcp_when_udp_blocked(site_env):
     started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9443")
     assert started.returncode == 0, started.stderr
     try:
-        site.block_udp(9443)
+        site.drop(9443, "udp")
         log = site.home / "udp-blocked.log"
         done = site_env.exec_("sh", "-c", f"curl -sS -f {site_env.http_url}/big.bin | sha256sum",
                               ticket=state / "ticket.json", extra=("--timeout", "40", "--log-file", str(log)),

@@ -72,15 +72,15 @@ def _binaries() -> list[Finding]:
 
 
 def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
-    out = []
+    out, unreachable = [], []
     for ep in ticket.gateways:
         try:
             with socket.create_connection((ep.host, ep.port), timeout=min(timeout, 5)):
                 pass
             out.append(Finding(f"TCP to {ep}", OK, "connected"))
         except OSError as e:
-            out.append(Finding(f"TCP to {ep}", FAIL, e.strerror or str(e),
-                               "is the gateway running? can this node reach that address?"))
+            unreachable.append(Finding(f"TCP to {ep}", FAIL, e.strerror or str(e),
+                                       "is the gateway running? can this node reach that address?"))
             continue
         try:
             pin = probe_pin(ep, timeout=min(timeout, 5))
@@ -92,7 +92,10 @@ def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
         except (OSError, ssl.SSLError) as e:
             out.append(Finding(f"pin of {ep}", FAIL, f"TLS handshake failed: {e}",
                                "is something other than the gateway listening there?"))
-    return out
+    if out:  # another address of the ticket works: workers will use that one
+        for f in unreachable:
+            f.verdict, f.remedy = WARN, "workers use another address of the ticket"
+    return out + unreachable
 
 
 _DNS_PROBE = """

@@ -77,17 +77,22 @@ def terminate(pid: int, *, grace: float = 5.0, group: bool = False) -> None:
 
 
 def _alive(pid: int, group: bool) -> bool:
+    # Reap what is our child, so a zombie does not count as alive.
     try:
-        if not group:
-            # Reap it if it is our child, so a zombie does not count as alive.
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return False
-            except ChildProcessError:
-                pass
+        while True:
+            reaped, _ = os.waitpid(-pid if group else pid, os.WNOHANG)
+            if reaped == 0 or not group:
+                break
+    except ChildProcessError:
+        pass
+    try:
         (os.killpg if group else os.kill)(pid, 0)
         return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+
+
+def alive(pid: int, *, group: bool = False) -> bool:
+    return _alive(pid, group)

@@ -54,6 +54,5 @@ class Slirp4netns(Egress):
             s.shutdown(socket.SHUT_WR)
             reply = json.loads(s.recv(65536) or b"{}")
         if "error" in reply:
-            desc = reply["error"].get("desc", reply["error"])
-            raise GatewayError(f"cannot listen on {listen} ({proto}): {desc}",
-                               "is another gateway or program using that port? choose --listen HOST:PORT")
+            raise GatewayError(f"cannot listen on {listen} ({proto.upper()})",
+                               "the port is in use or the address is not on this host; choose --listen HOST:PORT")

@@ -85,13 +85,8 @@ class Gateway:
         pid = self.pid
         if not pid:
             return False
-        # The supervisor leads its own session, so the group holds ocserv and the egress too.
+        # The supervisor leads its own session; it stops ocserv (its own session) and the egress.
         proc.terminate(pid, grace=timeout, group=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _group_alive(pid):
-            time.sleep(0.05)
-        if _group_alive(pid):
-            os.killpg(pid, 9)
         (self.state_dir / "gateway.pid").unlink(missing_ok=True)
         return True
 
@@ -126,13 +121,3 @@ def _read_line(fd: int, timeout: float) -> str:
             break
         buf += chunk
     return buf.decode(errors="replace").strip()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

@@ -143,9 +143,9 @@ class Site:
                     pass
         return pids
 
-    def block_udp(self, port: int) -> None:
-        """Drop UDP to ``port`` on the login host, as a site firewall might: forces TLS/TCP."""
-        subprocess.run(self.as_root(self.login, ["iptables", "-I", "INPUT", "-p", "udp", "--dport", str(port),
+    def drop(self, port: int, proto: str = "udp") -> None:
+        """Silently drop ``proto`` traffic to ``port`` on the login host, as a site firewall might."""
+        subprocess.run(self.as_root(self.login, ["iptables", "-I", "INPUT", "-p", proto, "--dport", str(port),
                                                  "-j", "DROP"]), check=True, capture_output=True)
 
     # -- tearing down -------------------------------------------------------------------------

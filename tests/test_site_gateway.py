@@ -1,0 +1,128 @@
+"""The gateway: stop leaves nothing behind, gateways coexist, secrets stay out of argv and logs,
+`check` and the Python API work, all as an unprivileged user on the simulated site."""
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import VP, wait_until
+
+pytestmark = pytest.mark.site
+
+
+def test_two_gateways_coexist_and_stop_cleanly(site_env):
+    site = site_env.site
+    state = site.home / "gw-second"
+    before = set(site.user_pids())
+    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9444")
+    assert started.returncode == 0, started.stderr
+    second = set(site.user_pids()) - before
+    assert second, "the second gateway started no process"
+    for ticket in (site_env.ticket, state / "ticket.json"):
+        assert site_env.exec_("true", ticket=ticket).returncode == 0
+    assert json.loads((state / "ticket.json").read_text())["pin"] != json.loads(site_env.ticket.read_text())["pin"]
+    stopped = site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    assert stopped.returncode == 0, stopped.stderr
+    assert wait_until(lambda: not (second & set(site.user_pids())), 10), "stop left processes behind"
+    assert site_env.exec_("true").returncode == 0, "the first gateway stopped serving"
+    again = site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    assert again.returncode == 1 and "no gateway runs" in again.stderr
+
+
+def test_port_in_use_is_a_one_line_error(site_env):
+    site = site_env.site
+    state = site.home / "gw-same-port"
+    before = set(site.user_pids())
+    done = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot listen on 0.0.0.0:8443" in lines[0], done.stderr
+    assert wait_until(lambda: set(site.user_pids()) <= before, 10)
+
+
+def test_secret_never_in_argv_environment_or_logs(site_env):
+    site = site_env.site
+    secret = json.loads(site_env.ticket.read_text())["secret"]
+    oc_log = site.home / "secret-run.log"
+    proc = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--log-file", str(oc_log),
+                                           "--", "sleep", "30"])
+    try:
+        assert wait_until(lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep", 20)
+        exposed = []
+        for pid in site.user_pids():
+            for what in ("cmdline", "environ"):
+                try:
+                    if secret.encode() in Path(f"/proc/{pid}/{what}").read_bytes():
+                        exposed.append((pid, what))
+                except OSError:
+                    pass
+        assert exposed == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    logs = [oc_log, *site_env.gateway_dir.glob("*.log"), *site_env.gateway_dir.glob("run/*.log"),
+            site_env.gateway_dir / "ocserv.conf"]
+    assert len(logs) >= 4
+    assert [p for p in logs if secret in p.read_text(errors="replace")] == []
+    assert site_env.leftovers() == set()
+
+
+def test_check_reports_a_healthy_node(site_env):
+    done = site_env.vp(site_env.node, "check", "--ticket", str(site_env.ticket), "--dns-name", "www.sim.test",
+                       timeout=90)
+    assert done.returncode == 0, done.stdout
+    for item in ("user namespaces", "/dev/net/tun", "binary openconnect", "pin of 198.19.20.1:8443",
+                 "authentication + tunnel", "UDP (DTLS data channel)", "DNS through tunnel"):
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith(item))
+        assert " ok " in line, line
+    assert site_env.leftovers() == set()
+
+
+def test_check_names_a_wrong_pin(site_env):
+    data = json.loads(site_env.ticket.read_text())
+    data["pin"] = "pin-sha256:" + "B" * 43 + "="
+    path = site_env.write_ticket("check-pin.json", json.dumps(data))
+    done = site_env.vp(site_env.node, "check", "--ticket", str(path), timeout=90)
+    assert done.returncode == 1
+    assert any(ln.startswith("pin of 198.19.20.1:8443") and "FAIL" in ln for ln in done.stdout.splitlines())
+
+
+def test_python_api_gateway_context_manager_and_run(site_env):
+    """The API as a user would call it: Gateway in a with-block on the login host, run() on a node."""
+    site = site_env.site
+    state = site.home / "gw-api"
+    up = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from vpn_provider import Gateway, GatewayConfig, Endpoint
+        cfg = GatewayConfig(state_dir=Path({str(state)!r}), listen=Endpoint.parse("0.0.0.0:9445"))
+        with Gateway(cfg) as gw:
+            print("ticket", gw.ticket_path, flush=True)
+            sys.stdin.readline()   # hold the gateway until the test says so
+            print("clients", len(gw.clients()), flush=True)
+    """)
+    holder = site.popen_user(site.login, [str(Path(VP).parent / "python"), "-c", up],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().startswith("ticket")
+        use = textwrap.dedent(f"""
+            import vpn_provider
+            done = vpn_provider.run({str(state / 'ticket.json')!r}, ["curl", "-sSf", "-o", "/dev/null",
+                                    "-w", "%{{http_code}}", {site_env.http_url + '/big.bin'!r}],
+                                    capture_output=True, text=True)
+            print(done.returncode, done.stdout)
+        """)
+        done = site.run_user(site_env.node, [str(Path(VP).parent / "python"), "-c", use])
+        assert done.stdout.split() == ["0", "200"], done.stderr
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "clients 0"
+        assert holder.wait(timeout=20) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    assert site_env.leftovers() == set()
