@@ -36,10 +36,12 @@ def nanoaod_file(path: Path, n_events: int = 200_000, seed: int = 2) -> None:
     eta = rng.uniform(-2.4, 2.4, total).astype(np.float32)
     phi = rng.uniform(-np.pi, np.pi, total).astype(np.float32)
     charge = rng.choice(np.array([-1, 1], dtype=np.int32), total)
+    muon = ak.zip({"pt": jagged(pt), "eta": jagged(eta), "phi": jagged(phi),
+                   "mass": jagged(np.full(total, 0.1057, dtype=np.float32)), "charge": jagged(charge)})
     with uproot.recreate(path) as f:
-        f["Events"] = {"Muon": ak.zip({"pt": jagged(pt), "eta": jagged(eta), "phi": jagged(phi),
-                                        "mass": jagged(np.full(total, 0.1057, dtype=np.float32)),
-                                        "charge": jagged(charge)})}
+        # mktree, not assignment: uproot 5.7 writes an RNTuple for a plain assignment.
+        tree = f.mktree("Events", {"Muon": muon.type.content})
+        tree.extend({"Muon": muon})
     os.chmod(path, 0o644)
 
 

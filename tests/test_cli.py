@@ -1,0 +1,37 @@
+"""Pure tests: the CLI's bad-input handling (one line, non-zero exit)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def vp(*args):
+    return subprocess.run([sys.executable, "-m", "vpn_provider", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_exec_without_command():
+    done = vp("exec", "--ticket", "/nonexistent")
+    assert done.returncode != 0 and "missing CMD" in done.stderr
+
+
+def test_exec_missing_ticket_is_one_line_and_125():
+    done = vp("exec", "--ticket", "/nonexistent/ticket.json", "--", "true")
+    assert done.returncode == 125
+    assert done.stderr.strip().splitlines() == [
+        "vpn-provider: ticket /nonexistent/ticket.json: no such file; "
+        "run 'vpn-provider gateway start' and copy its ticket.json"]
+
+
+def test_bad_listen_address():
+    done = vp("gateway", "start", "--state-dir", "/tmp/x", "--listen", "host:99999")
+    assert done.returncode == 2 and "bad port" in done.stderr
+
+
+def test_stop_when_nothing_runs(tmp_path):
+    done = vp("gateway", "stop", "--state-dir", str(tmp_path))
+    assert done.returncode == 1 and "no gateway runs" in done.stderr
+
+
+def test_negative_timeout():
+    done = vp("exec", "--ticket", "t", "--timeout", "-1", "--", "true")
+    assert done.returncode == 2 and "must be > 0" in done.stderr
