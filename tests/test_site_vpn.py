@@ -101,3 +101,20 @@ def _comm(pid: int) -> str:
 def _count_clients(site_env) -> int:
     out = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(site_env.gateway_dir))
     return int(re.search(r"(\d+) client", out.stdout).group(1))
+
+
+def test_pasta_egress_carries_traffic(site_env):
+    """The non-default egress: pasta needs NAT inside the gateway namespace (iptables)."""
+    site = site_env.site
+    state = site.home / "gw-pasta"
+    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9446",
+                          "--egress", "pasta")
+    assert started.returncode == 0, started.stderr
+    try:
+        done = site_env.exec_("sh", "-c", f"curl -sS -f -r 0-20971519 {site_env.http_url}/big.bin | wc -c",
+                              ticket=state / "ticket.json", timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["20971520"]
+    finally:
+        site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    assert site_env.leftovers() == set()

@@ -25,6 +25,7 @@ PACKAGES = {
     "slirp4netns": "slirp4netns",
     "pasta": "passt",
     "openssl": "openssl",
+    "iptables": "iptables",
 }
 
 

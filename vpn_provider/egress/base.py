@@ -19,6 +19,9 @@ class Egress(abc.ABC):
     name: str = ""
     #: An address inside the namespace that resolves DNS with the host's resolvers.
     dns_forwarder: str | None = None
+    #: True if the backend only carries traffic from the namespace's own address, so client
+    #: traffic must be masqueraded; False if proxy ARP is enough (no iptables needed).
+    needs_nat: bool = False
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir

@@ -13,6 +13,7 @@ from .base import Egress
 class Pasta(Egress):
     name = "pasta"
     dns_forwarder = None
+    needs_nat = True  # pasta maps only the namespace's own address to host sockets
 
     @classmethod
     def version(cls) -> str:
@@ -22,6 +23,7 @@ class Pasta(Egress):
     def is_supported(cls) -> tuple[bool, str]:
         try:
             proc.find_tool("pasta")
+            proc.find_tool("iptables")
         except MissingTool as e:
             return False, str(e)
         return True, ""

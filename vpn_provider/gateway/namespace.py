@@ -7,15 +7,16 @@ import signal
 import socket
 import time
 
-from .. import linux
+from .. import linux, proc
 from ..errors import GatewayError
 from ..egress.base import read_fd_line
 
 
 class GatewayNamespace:
-    def __init__(self, ocserv_argv: list[str], log_path: str):
+    def __init__(self, ocserv_argv: list[str], log_path: str, *, masquerade: bool = False):
         self.ocserv_argv = ocserv_argv
         self.log_path = log_path
+        self.masquerade = masquerade
         self.pid = 0
 
     def spawn(self) -> None:
@@ -64,6 +65,8 @@ class GatewayNamespace:
             # Answer ARP for client addresses on the egress link, so the egress backend can
             # deliver replies to VPN clients without NAT (no iptables needed).
             _sysctl(f"net/ipv4/conf/{egress_if}/proxy_arp", "1")
+            if self.masquerade:
+                proc.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", egress_if, "-j", "MASQUERADE"])
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)

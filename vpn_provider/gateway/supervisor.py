@@ -94,7 +94,7 @@ class Supervisor:
             server_key=creds.server_key, passwd_file=creds.passwd_file, run_dir=cfg.run_dir,
             mtu=cfg.mtu)))
         self.ns = GatewayNamespace([proc.find_tool("ocserv"), "--foreground", "--config", str(conf)],
-                                   str(cfg.state_dir / "ocserv.log"))
+                                   str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat)
         self.ns.spawn()
         self.egress = backend(cfg.run_dir)
         self.egress.start(target_pid=self.ns.pid, listen=cfg.listen)
