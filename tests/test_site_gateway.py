@@ -126,3 +126,22 @@ def test_python_api_gateway_context_manager_and_run(site_env):
         if holder.poll() is None:
             holder.kill()
     assert site_env.leftovers() == set()
+
+
+def test_gateway_run_in_foreground_cleans_up_on_ctrl_c(site_env):
+    site = site_env.site
+    state = site.home / "gw-foreground"
+    before = set(site.user_pids())
+    run = site.popen_user(site.login, [VP, "gateway", "run", "--state-dir", str(state), "--listen", "0.0.0.0:9447"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (state / "gateway.pid").exists() or run.poll() is not None, 30)
+        assert run.poll() is None, run.stderr.read()
+        assert site_env.exec_("true", ticket=state / "ticket.json").returncode == 0
+        run.send_signal(2)  # what Ctrl-C sends
+        assert run.wait(timeout=15) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert wait_until(lambda: set(site.user_pids()) <= before, 10), "Ctrl-C left processes behind"
+    assert not (state / "gateway.pid").exists()
