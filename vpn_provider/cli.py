@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the tunnel (default 15)")
     ex.add_argument("--log-file", type=Path, default=None,
                     help="keep openconnect's log here (default: discarded on success)")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    ex.add_argument("--argv-b64", default=None,
+                    help="CMD as base64 of a JSON list, instead of -- CMD (what launchers emit)")
+    ex.add_argument("--dry-run", action="store_true",
+                    help="print the environment assignments and argv that would run, as JSON; no tunnel")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER,
+                    help="-- [NAME=VALUE...] CMD [ARGS...] (leading assignments set CMD's environment, as with env)")
 
     ck = sub.add_parser("check", help="diagnose whether this node can use the VPN")
     ck.add_argument("--ticket", type=Path, required=True)
@@ -122,12 +127,26 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
+    import json
+
     from .ticket import Ticket
+    from .worker.command import decode_argv, split_assignments
     from .worker.tunnel import exec_in_vpn
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if args.argv_b64 is not None:
+        if cmd:
+            raise SystemExit("vpn-provider exec: give either --argv-b64 or -- CMD, not both")
+        try:
+            cmd = decode_argv(args.argv_b64)
+        except ValueError as e:
+            raise SystemExit(f"vpn-provider exec: {e}") from None
+    env, cmd = split_assignments(cmd)
     if not cmd:
         raise SystemExit("vpn-provider exec: missing CMD after --")
-    exec_in_vpn(Ticket.load(args.ticket), cmd, timeout=args.timeout, log_file=args.log_file)
+    if args.dry_run:
+        print(json.dumps({"ticket": str(args.ticket), "env": env, "argv": cmd}))
+        return 0
+    exec_in_vpn(Ticket.load(args.ticket), cmd, env=env, timeout=args.timeout, log_file=args.log_file)
     return EXIT_EXEC_FAILED  # not reached: exec_in_vpn replaces this process or raises
 
 

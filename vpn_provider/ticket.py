@@ -90,8 +90,9 @@ class Ticket:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Ticket":
-        """Read a ticket, refusing one that other users can read (like ssh does with keys)."""
-        path = Path(path).expanduser()
+        """Read a ticket, refusing one that other users can read (like ssh does with keys).
+        ``~`` and ``$VARS`` in the path are expanded: launchers pass it on unexpanded."""
+        path = Path(os.path.expandvars(os.fspath(path))).expanduser()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

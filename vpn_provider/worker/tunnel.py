@@ -235,14 +235,15 @@ def _max_fd() -> int:
         return 1024
 
 
-def exec_in_vpn(ticket: Ticket, argv: list[str], *, timeout: float = 15.0,
-                log_file: Path | None = None) -> NoReturn:
-    """Replace this process with ``argv`` running inside the VPN. Raises TunnelError if the
-    tunnel cannot be set up; never returns otherwise."""
-    if not shutil.which(argv[0]):
+def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None = None,
+                timeout: float = 15.0, log_file: Path | None = None) -> NoReturn:
+    """Replace this process with ``argv`` (plus ``env`` in its environment) running inside the
+    VPN. Raises TunnelError if the tunnel cannot be set up; never returns otherwise."""
+    if not shutil.which(argv[0], path=(env or {}).get("PATH")):
         raise TunnelError(f"command not found: {argv[0]}")
     tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file)
     tunnel.establish()
+    os.environ.update(env or {})  # after establish: openconnect must not see CMD's settings
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
