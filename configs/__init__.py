@@ -1,0 +1,1 @@
+"""Example Parsl configurations: copy one, change TICKET, PARTITION and ACCOUNT, and run."""
