@@ -11,7 +11,7 @@ def vp(*args):
 
 def test_exec_without_command():
     done = vp("exec", "--ticket", "/nonexistent")
-    assert done.returncode != 0 and "missing CMD" in done.stderr
+    assert done.returncode == 1 and "missing CMD" in done.stderr
 
 
 def test_exec_missing_ticket_is_one_line_and_125():
@@ -35,3 +35,16 @@ def test_stop_when_nothing_runs(tmp_path):
 def test_negative_timeout():
     done = vp("exec", "--ticket", "t", "--timeout", "-1", "--", "true")
     assert done.returncode == 2 and "must be > 0" in done.stderr
+
+
+def test_bad_gateway_option_values_are_one_line(tmp_path):
+    for args, needle in ((["--mtu", "10"], "mtu 10 outside"), (["--pool", "10.0.0.0/31"], "too small"),
+                         (["--dns", "::1"], "only IPv4")):
+        done = vp("gateway", "start", "--state-dir", str(tmp_path / "s"), *args)
+        assert done.returncode == 1 and needle in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_ticket_that_is_a_directory(tmp_path):
+    done = vp("exec", "--ticket", str(tmp_path), "--", "true")
+    assert done.returncode == 125 and "Is a directory" in done.stderr

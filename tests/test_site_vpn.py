@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +63,24 @@ def test_signal_stops_cmd_and_tunnel(site_env, signum):
     assert proc.wait(timeout=10) == -signum
     assert site_env.leftovers() == set()
     assert wait_until(lambda: _count_clients(site_env) == 0, 10)
+
+
+def test_cmd_gets_default_signal_dispositions(site_env):
+    """Python ignores SIGPIPE; CMD must not inherit that (pipelines would print 'Broken pipe')."""
+    done = site_env.exec_("sh", "-c", "grep SigIgn /proc/self/status; yes | head -c 1 >/dev/null; echo rc=$?")
+    assert done.returncode == 0, done.stderr
+    assert "SigIgn:\t0000000000000000" in done.stdout and "Broken pipe" not in done.stderr
+
+
+def test_ticket_with_several_addresses_uses_the_one_that_answers(site_env):
+    """Login nodes have several addresses; a dead first one must not cost the time-out."""
+    site_env.site.drop(9998, "tcp")
+    data = json.loads(site_env.ticket.read_text())
+    data["gateways"] = ["198.19.20.1:9998", "198.19.20.1:8443"]
+    path = site_env.write_ticket("two-addresses.json", json.dumps(data))
+    t0 = time.monotonic()
+    assert site_env.exec_("true", ticket=path).returncode == 0
+    assert time.monotonic() - t0 < 8
 
 
 def test_dtls_is_the_default_data_channel(site_env):

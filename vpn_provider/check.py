@@ -37,12 +37,15 @@ def _namespaces() -> list[Finding]:
         return out
     pid = os.fork()
     if pid == 0:
+        code = 1
         try:
             linux.enter_user_namespace(inner_uid=0, inner_gid=0, flags=linux.CLONE_NEWNET)
             os.close(linux.create_tun("vpncheck0"))
-            os._exit(0)
+            code = 0
         except OSError as e:
-            os._exit(100 + (e.errno or 0) % 100)
+            code = 100 + (e.errno or 0) % 100
+        finally:
+            os._exit(code)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if code == 0:
         out.append(Finding("/dev/net/tun", OK, "a tun device can be created in a user namespace"))

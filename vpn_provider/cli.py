@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    # GatewayConfig raises ValueError with the reason; main prints it in one line.
     return GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
                          dns=args.dns, pool=args.pool, egress=args.egress,
                          advertise=tuple(args.advertise), mtu=args.mtu)
@@ -131,7 +132,7 @@ def _exec(args: argparse.Namespace) -> int:
 
     from .ticket import Ticket
     from .worker.command import decode_argv, split_assignments
-    from .worker.tunnel import exec_in_vpn
+    from .worker.tunnel import exec_in_vpn, process_start_monotonic
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if args.argv_b64 is not None:
         if cmd:
@@ -146,7 +147,9 @@ def _exec(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"ticket": str(args.ticket), "env": env, "argv": cmd}))
         return 0
-    exec_in_vpn(Ticket.load(args.ticket), cmd, env=env, timeout=args.timeout, log_file=args.log_file)
+    # --timeout counts from the start of this process, so interpreter start-up is inside it.
+    exec_in_vpn(Ticket.load(args.ticket), cmd, env=env, timeout=args.timeout, log_file=args.log_file,
+                started=process_start_monotonic())
     return EXIT_EXEC_FAILED  # not reached: exec_in_vpn replaces this process or raises
 
 
@@ -163,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"gateway": _gateway, "exec": _exec, "check": _check}[args.command]
     try:
         return handler(args)
-    except VPNError as e:
-        print(f"vpn-provider: {e}", file=sys.stderr)
+    except (VPNError, OSError, ValueError) as e:  # OSError/ValueError: say it in one line too
+        text = str(e) if isinstance(e, VPNError) else f"{type(e).__name__}: {e}"
+        print(f"vpn-provider: {text}", file=sys.stderr)
         return EXIT_EXEC_FAILED if args.command == "exec" else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

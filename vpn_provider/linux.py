@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import os
+import signal
 import struct
 
 CLONE_NEWNS = 0x00020000
@@ -38,10 +39,6 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
-def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
-
-
 def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), None),
@@ -50,6 +47,21 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int) -> No
 
 def set_parent_death_signal(signum: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0), "prctl")
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Get ``signum`` when the parent exits; exit now if it already has (the race prctl leaves)."""
+    parent = os.getppid()
+    set_parent_death_signal(signum)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def restore_default_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: undo that, so the
+    programs we exec get the dispositions a shell would give them."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def enter_user_namespace(*, inner_uid: int, inner_gid: int, flags: int = 0) -> None:
@@ -91,11 +103,14 @@ def user_namespaces_allowed() -> tuple[bool, str]:
     """Try to create a user+net namespace in a throwaway child; report why not if it fails."""
     pid = os.fork()
     if pid == 0:
+        code = 1
         try:
             enter_user_namespace(inner_uid=0, inner_gid=0, flags=CLONE_NEWNET | CLONE_NEWNS)
-            os._exit(0)
+            code = 0
         except OSError as e:
-            os._exit(100 + (e.errno or 0) % 100)
+            code = 100 + (e.errno or 0) % 100
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code == 0:

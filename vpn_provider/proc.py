@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -97,3 +98,19 @@ def _alive(pid: int, group: bool) -> bool:
 
 def alive(pid: int, *, group: bool = False) -> bool:
     return _alive(pid, group)
+
+
+def read_message(fd: int, timeout: float) -> bytes | None:
+    """Read what is in a pipe within ``timeout``, up to a newline or EOF. None on time-out;
+    b'' if the writer closed the pipe without a word."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return buf or None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf

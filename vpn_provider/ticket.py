@@ -109,6 +109,8 @@ class Ticket:
                 text = f.read()
             except UnicodeDecodeError:
                 raise TicketError(str(path), "not valid JSON (not UTF-8 text)") from None
+            except OSError as e:  # a directory, for one
+                raise TicketError(str(path), e.strerror or str(e)) from None
         return cls.from_json(text, source=str(path))
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 import subprocess
 from pathlib import Path
 
@@ -44,7 +43,7 @@ class Egress(abc.ABC):
             # The parent-death signal ends the backend even if the gateway is SIGKILLed.
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                                     pass_fds=pass_fds,
-                                    preexec_fn=lambda: linux.set_parent_death_signal(15))
+                                    preexec_fn=linux.die_with_parent)
         finally:
             logfile.close()
 
@@ -63,15 +62,3 @@ class Egress(abc.ABC):
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-
-def wait_readable(fd: int, timeout: float) -> bool:
-    import select
-    return bool(select.select([fd], [], [], timeout)[0])
-
-
-def read_fd_line(fd: int, timeout: float) -> bytes:
-    """One short message from a pipe, or b'' on time-out or EOF."""
-    if not wait_readable(fd, timeout):
-        return b""
-    return os.read(fd, 256)

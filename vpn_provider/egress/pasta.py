@@ -1,5 +1,6 @@
 """pasta (from passt): maps the namespace's traffic to host sockets without a TCP/IP stack of
-its own. Debian 12's 2023 snapshot measured slow here (see docs), so ``auto`` does not pick it."""
+its own. Debian 12's 2023 snapshot measured slow here (see docs), so ``auto`` picks pasta only
+from its 2024 releases on."""
 from __future__ import annotations
 
 import re

@@ -8,7 +8,7 @@ import socket
 from .. import proc
 from ..errors import GatewayError, MissingTool
 from ..ticket import Endpoint
-from .base import Egress, read_fd_line
+from .base import Egress
 
 
 class Slirp4netns(Egress):
@@ -35,7 +35,7 @@ class Slirp4netns(Egress):
                  f"--api-socket={api}", f"--ready-fd={ready_w}", str(target_pid), "tap0"],
                 pass_fds=(ready_w,))
             os.close(ready_w)
-            if read_fd_line(ready_r, 10.0) != b"1":
+            if proc.read_message(ready_r, 10.0) != b"1":
                 raise GatewayError(f"slirp4netns did not come up: {self.log_tail() or 'no output'}")
         finally:
             os.close(ready_r)

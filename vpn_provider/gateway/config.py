@@ -30,7 +30,8 @@ class GatewayConfig:
         if self.pool.prefixlen > 30:
             raise ValueError(f"pool {self.pool} is too small (need /30 or larger)")
         for d in self.dns:
-            ipaddress.ip_address(d)
+            if ipaddress.ip_address(d).version != 4:
+                raise ValueError(f"--dns {d}: only IPv4 resolvers are supported (the tunnel is IPv4)")
         if not 576 <= self.mtu <= 9000:
             raise ValueError(f"mtu {self.mtu} outside 576..9000")
 
@@ -50,7 +51,7 @@ class GatewayConfig:
 
 
 def host_resolvers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
-    """Nameservers of this host, minus loopback ones (clients cannot reach our 127.0.0.1)."""
+    """IPv4 nameservers of this host, minus loopback ones (clients cannot reach our 127.0.0.1)."""
     try:
         text = Path(resolv_conf).read_text()
     except OSError:

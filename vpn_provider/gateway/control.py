@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .. import proc
@@ -67,7 +66,7 @@ class Gateway:
             log.close()
             os.close(ready_w)
         try:
-            line = _read_line(ready_r, self.start_timeout)
+            line = (proc.read_message(ready_r, self.start_timeout) or b"").decode(errors="replace").strip()
         finally:
             os.close(ready_r)
         if line.startswith("READY "):
@@ -106,18 +105,3 @@ class Gateway:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    import select
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()

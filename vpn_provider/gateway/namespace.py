@@ -3,13 +3,11 @@ the egress backend to attach, then execs ocserv as root *of that namespace only*
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 
 from .. import linux, proc
 from ..errors import GatewayError
-from ..egress.base import read_fd_line
 
 
 class GatewayNamespace:
@@ -36,19 +34,22 @@ class GatewayNamespace:
         """Tell the child the egress is attached; return once ocserv has been exec'd."""
         os.write(self._down_w, b"go")
         os.close(self._down_w)
-        self._expect(b"", "configuring the gateway namespace", timeout=15.0)
+        # EOF without a word: the pipe closed on exec, so ocserv runs.
+        self._expect(b"", "configuring the gateway namespace", timeout=45.0)
         os.close(self._up_r)
 
     def _expect(self, want: bytes, step: str, timeout: float = 5.0) -> None:
-        got = read_fd_line(self._up_r, timeout)
+        got = proc.read_message(self._up_r, timeout)
+        if got is None:
+            raise GatewayError(f"{step}: no answer within {timeout:g} s")
         if got.startswith(b"error:"):
             raise GatewayError(f"{step}: {got[6:].decode(errors='replace').strip()}")
         if got != want:
-            raise GatewayError(f"{step}: no answer within {timeout:g} s")
+            raise GatewayError(f"{step}: the namespace process exited unexpectedly")
 
     def _child(self, down_r: int, up_w: int) -> None:
         try:
-            linux.set_parent_death_signal(signal.SIGTERM)
+            linux.die_with_parent()
             # uid 0 inside satisfies ocserv's root check. A non-zero gid inside makes ocserv's
             # workers skip setgroups(), which an unprivileged user namespace always refuses.
             linux.enter_user_namespace(inner_uid=0, inner_gid=os.getgid() or 1,
@@ -71,6 +72,7 @@ class GatewayNamespace:
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
             os.set_inheritable(up_w, False)  # EOF on exec tells the parent we got this far
+            linux.restore_default_signals()
             os.execv(self.ocserv_argv[0], self.ocserv_argv)
         except BaseException as e:  # noqa: BLE001 - report any failure to the parent, then die
             try:

@@ -5,6 +5,7 @@ Every child gets a parent-death signal, so even a SIGKILLed supervisor leaves no
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -144,12 +145,13 @@ class Supervisor:
 
 def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
     """Foreground gateway. ``ready_fd`` gets one line, ``READY {json}`` or ``ERROR message``."""
+    ready = _ReadyPipe(ready_fd)
     pidfile = cfg.state_dir / "gateway.pid"
-    other = read_pid(cfg.state_dir)
-    if other:
-        msg = f"a gateway (pid {other}) already runs with state dir {cfg.state_dir}"
-        _report(ready_fd, f"ERROR {msg}")
-        raise GatewayError(msg, "stop it first, or use another --state-dir")
+    try:
+        lock = _lock_state_dir(cfg.state_dir)
+    except GatewayError as e:
+        ready.send(f"ERROR {e}")
+        raise
     sup = Supervisor(cfg)
     try:
         # Signals during start-up must still clean up, so turn them into an exception.
@@ -157,32 +159,61 @@ def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
             signal.signal(sig, _raise_interrupt)
         ticket = sup.bring_up()
         pidfile.write_text(f"{os.getpid()}\n")
-        _report(ready_fd, "READY " + json.dumps({"gateways": [str(g) for g in ticket.gateways],
-                                                 "ticket": str(cfg.state_dir / "ticket.json")}))
+        ready.send("READY " + json.dumps({"gateways": [str(g) for g in ticket.gateways],
+                                          "ticket": str(cfg.state_dir / "ticket.json")}))
         return sup.serve()
     except VPNError as e:
-        _report(ready_fd, f"ERROR {e}")
+        ready.send(f"ERROR {e}")
         raise
     except KeyboardInterrupt:
-        _report(ready_fd, "ERROR interrupted during start-up")
+        ready.send("ERROR interrupted during start-up")
         return 130
+    except Exception as e:  # anything else still ends as one line for `gateway start`
+        ready.send(f"ERROR {type(e).__name__}: {e}")
+        raise GatewayError(f"{type(e).__name__}: {e}") from e
     finally:
         sup.tear_down()
         pidfile.unlink(missing_ok=True)
+        os.close(lock)
+
+
+class _ReadyPipe:
+    """The one start-up line to ``gateway start``; later sends are no-ops."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+        if fd is not None:
+            os.set_inheritable(fd, False)  # ocserv and the egress must not hold it open
+
+    def send(self, line: str) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.write(fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """One gateway per state dir: hold an flock for the supervisor's lifetime."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = read_pid(state_dir)
+        who = f" (pid {other})" if other else ""
+        raise GatewayError(f"a gateway{who} already runs or is starting with state dir {state_dir}",
+                           "stop it first, or use another --state-dir") from None
+    return fd
 
 
 def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001
     raise KeyboardInterrupt
-
-
-def _report(fd: int | None, line: str) -> None:
-    if fd is None:
-        return
-    try:
-        os.write(fd, (line.replace("\n", " ") + "\n").encode())
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def read_pid(state_dir: Path) -> int:

@@ -11,7 +11,9 @@ from .. import linux
 from .vpnc_env import TunnelParams
 
 # Unix sockets through which glibc would resolve names on the *host's* network, not ours.
-_HOST_RESOLVER_SOCKETS = ("/run/nscd", "/var/run/nscd", "/run/systemd/resolve")
+# Only the sockets are masked: /etc/resolv.conf may be a symlink into /run/systemd/resolve.
+_HOST_RESOLVER_SOCKETS = ("/run/nscd/socket", "/var/run/nscd/socket",
+                          "/run/systemd/resolve/io.systemd.Resolve")
 
 
 def configure_links(p: TunnelParams) -> None:
@@ -51,10 +53,11 @@ def install_resolv_conf(text: str) -> None:
         linux.bind_mount(path, "/etc/resolv.conf")
     finally:
         os.unlink(path)
-    for sock_dir in _HOST_RESOLVER_SOCKETS:
-        if os.path.isdir(sock_dir):
-            empty = tempfile.mkdtemp(prefix="vpn-provider-empty.")
+    for sock in _HOST_RESOLVER_SOCKETS:
+        if os.path.exists(sock):
+            fd, empty = tempfile.mkstemp(prefix="vpn-provider-mask.")
+            os.close(fd)
             try:
-                linux.bind_mount(empty, sock_dir)
+                linux.bind_mount(empty, sock)  # connecting to a regular file fails at once
             finally:
-                os.rmdir(empty)
+                os.unlink(empty)

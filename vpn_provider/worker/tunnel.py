@@ -12,12 +12,12 @@ openconnect stays CMD's child with a parent-death signal: when CMD ends, the tun
 from __future__ import annotations
 
 import errno
+import fcntl
 import importlib.util
 import logging
 import os
 import select
 import shutil
-import signal
 import socket
 import time
 from pathlib import Path
@@ -90,21 +90,26 @@ class Tunnel:
                 f"--servercert={self.ticket.pin}", f"--script={_SCRIPT}",
                 f"https://{endpoint}/"]
 
-    def establish(self) -> vpnc_env.TunnelParams:
-        """Return once CMD may run: this process is then inside the configured namespace."""
-        deadline = _process_start_monotonic() + self.timeout
+    def establish(self, *, started: float | None = None) -> vpnc_env.TunnelParams:
+        """Return once CMD may run: this process is then inside the configured namespace.
+
+        The time-out counts from ``started`` (a ``time.monotonic()`` value; default: now).
+        """
+        deadline = (time.monotonic() if started is None else started) + self.timeout
         shim = preload_library()
         self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
         argv = self.openconnect_argv(self.endpoint)
-        if self.log_file:
-            log_fd = os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        else:
-            log_fd = os.memfd_create("openconnect-log", os.MFD_CLOEXEC)
+        try:
+            log_fd = (os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                      if self.log_file else os.memfd_create("openconnect-log", os.MFD_CLOEXEC))
+        except OSError as e:
+            raise TunnelError(f"cannot open the log file {self.log_file}: {e.strerror}") from None
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         passwd_r, passwd_w = os.pipe2(os.O_CLOEXEC)
         os.write(passwd_w, (self.ticket.secret + "\n").encode())  # fits the pipe buffer
         os.close(passwd_w)
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # SEQPACKET, not DGRAM: closing our end must wake the child's recv with EOF.
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.child_pid = os.fork()
         if self.child_pid == 0:
             parent_end.close()
@@ -117,20 +122,25 @@ class Tunnel:
                                        flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
             linux.make_mounts_private()
             tun_fd = linux.create_tun(TUN_NAME)
-            socket.send_fds(parent_end, [b"tun"], [tun_fd])
-            os.close(tun_fd)
+            try:
+                socket.send_fds(parent_end, [b"tun"], [tun_fd])
+            finally:
+                os.close(tun_fd)
             parent_end.close()
             params = self._await_report(report_r, log_fd, deadline)
             netconfig.configure_links(params)
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
-        except BaseException as e:
+        except TunnelError:
             self.kill_child()
-            if isinstance(e, TunnelError):
-                raise
-            if isinstance(e, (OSError, ValueError)):
-                raise TunnelError(f"setting up the worker namespace: {e}") from None
+            raise
+        except Exception as e:  # OSError, pyroute2's NetlinkError, ...: one line, never a traceback
+            self.kill_child()
+            raise TunnelError(f"setting up the worker namespace: {e}") from None
+        except BaseException:
+            self.kill_child()
             raise
         finally:
+            parent_end.close()
             os.close(report_r)
             os.close(log_fd)
         log.debug("tunnel up via %s: %s", self.endpoint, params)
@@ -197,26 +207,27 @@ def _openconnect_child(argv: list[str], shim: str, fd_sock: socket.socket, passw
                        log_fd: int, report_w: int) -> NoReturn:
     """Runs in the forked child: wait for the tun fd, then become openconnect."""
     try:
-        parent = os.getppid()
-        linux.set_parent_death_signal(signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
+        linux.die_with_parent()
         _, fds, _, _ = socket.recv_fds(fd_sock, 16, 1)
         if not fds:
             os._exit(1)  # the parent gave up before creating the tun device
-        for src, dst in ((passwd_r, 0), (log_fd, 1), (log_fd, 2), (report_w, _REPORT_FD), (fds[0], _TUN_FD)):
+        # Lift every source above the targets first: if stdin was closed, a source may *be* fd 0.
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (passwd_r, log_fd, report_w, fds[0])]
+        for src, dst in zip(sources, (0, 1, _REPORT_FD, _TUN_FD)):
             os.dup2(src, dst)  # dup2 clears close-on-exec on dst
+        os.dup2(1, 2)
         os.closerange(_TUN_FD + 1, _max_fd())
         env = dict(os.environ)
         env["LD_PRELOAD"] = shim + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
         env["VPNP_TUN_FD"] = str(_TUN_FD)
+        linux.restore_default_signals()
         os.execve(argv[0], argv, env)
     except BaseException:  # noqa: BLE001 - never return into the parent's code
         pass
     os._exit(1)
 
 
-def _process_start_monotonic() -> float:
+def process_start_monotonic() -> float:
     """When this process started, on the monotonic clock: --timeout counts from there, so the
     interpreter's start-up is inside the promised time."""
     try:
@@ -236,14 +247,17 @@ def _max_fd() -> int:
 
 
 def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None = None,
-                timeout: float = 15.0, log_file: Path | None = None) -> NoReturn:
+                timeout: float = 15.0, log_file: Path | None = None,
+                started: float | None = None) -> NoReturn:
     """Replace this process with ``argv`` (plus ``env`` in its environment) running inside the
-    VPN. Raises TunnelError if the tunnel cannot be set up; never returns otherwise."""
+    VPN. Raises TunnelError if the tunnel cannot be set up; never returns otherwise.
+    ``started``: the ``time.monotonic()`` the time-out counts from (default: now)."""
     if not shutil.which(argv[0], path=(env or {}).get("PATH")):
         raise TunnelError(f"command not found: {argv[0]}")
     tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file)
-    tunnel.establish()
+    tunnel.establish(started=started)
     os.environ.update(env or {})  # after establish: openconnect must not see CMD's settings
+    linux.restore_default_signals()
     try:
         os.execvp(argv[0], argv)
     except OSError as e:

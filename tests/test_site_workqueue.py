@@ -1,0 +1,77 @@
+"""Work Queue end to end on the simulated site, with Debian's real work_queue_worker,
+work_queue_factory and Python bindings: the manager runs on the login host, workers run inside
+the VPN on the compute node and reach the manager through it."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import VP
+
+pytestmark = [pytest.mark.site, pytest.mark.skipif(not shutil.which("work_queue_worker"),
+                                                   reason="Debian's coop-computing-tools is not installed")]
+REPO = Path(__file__).resolve().parent.parent
+LOGIN = "198.19.20.1"
+
+
+def start_manager(site_env, port: int, urls: list[str]) -> subprocess.Popen:
+    mgr = site_env.site.popen_user(site_env.site.login, ["/usr/bin/python3", str(REPO / "tests/drivers/wq_manager.py"),
+                                                         str(port), *urls],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = mgr.stdout.readline()
+    assert line.startswith("listening"), mgr.stderr.read()
+    return mgr
+
+
+def finish(mgr: subprocess.Popen, timeout=120) -> dict:
+    out, err = mgr.communicate(timeout=timeout)
+    assert mgr.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def urls_and_sums(site_env):
+    from vpn_provider.sim.data import sha256_of
+    events = site_env.site.workdir / "www" / "events.root"
+    return {f"{site_env.xrootd_url}/data/big.bin": site_env.big_sha,
+            f"{site_env.xrootd_url}/data/events.root": sha256_of(events)}
+
+
+def test_worker_wrapped_by_exec(site_env):
+    expected = urls_and_sums(site_env)
+    mgr = start_manager(site_env, 9123, list(expected))
+    worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--",
+                                                      "work_queue_worker", "--timeout", "60", LOGIN, "9123"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        results = finish(mgr)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+    assert {url: r["output"] for url, r in results.items()} == expected
+    assert site_env.leftovers(timeout=15) == set()
+
+
+def test_workers_started_by_work_queue_factory_with_wrapper(site_env):
+    """`--wrapper-input` ships the ticket into each worker's sandbox; `--wrapper` prefixes the
+    worker command. The factory passes --parent-death-like supervision; workers must survive."""
+    expected = urls_and_sums(site_env)
+    mgr = start_manager(site_env, 9124, list(expected))
+    scratch = site_env.site.home / "factory-scratch"
+    factory = site_env.site.popen_user(
+        site_env.node, ["work_queue_factory", "-T", "local", "--min-workers", "1", "--max-workers", "1",
+                        "--timeout", "60", "-S", str(scratch),
+                        "--wrapper", f"{VP} exec --ticket ticket.json --",
+                        "--wrapper-input", str(site_env.ticket), LOGIN, "9124"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        results = finish(mgr)
+    finally:
+        factory.terminate()
+        factory.wait(timeout=30)
+    assert {url: r["output"] for url, r in results.items()} == expected
+    assert site_env.leftovers(timeout=20) == set()
