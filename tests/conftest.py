@@ -2,6 +2,7 @@
 every product process runs as the site's unprivileged user)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -11,6 +12,13 @@ from pathlib import Path
 import pytest
 
 VP = str(Path(sys.executable).parent / "vpn-provider")
+SUPPORT = Path(__file__).resolve().parent / "support"
+DEBIAN_WORK_QUEUE = Path("/usr/lib/python3/dist-packages/work_queue.py")
+
+# Parsl imports ndcctools.* once, when its executors module is first imported: put the TEST-ONLY
+# aliases in tests/support on the path before any test does that (see tests/support/ndcctools).
+if importlib.util.find_spec("ndcctools") is None and DEBIAN_WORK_QUEUE.exists():
+    sys.path.append(str(SUPPORT))
 SITE_TOOLS = ("ocserv", "openconnect", "slirp4netns", "dnsmasq", "xrootd", "xrdcp", "curl", "iptables")
 
 

@@ -78,3 +78,16 @@ def test_wrong_ticket_reaches_the_parsl_user_as_a_vpn_error(site_env, slurm):
     assert done.returncode != 0
     assert "VPN tunnel failed: the gateway rejected the ticket's user or secret" in done.stderr
     assert wait_until(lambda: site_env.leftovers(timeout=1) == set(), 30)
+
+
+def test_workqueue_executor_workers_through_launcher(site_env, slurm):
+    """Parsl's WorkQueueExecutor with Debian's work_queue_worker. Parsl imports
+    ndcctools.work_queue; tests/support maps it to Debian's module (TEST-ONLY alias)."""
+    run_dir = site_env.site.home / "runinfo-wq"
+    kwargs = {"ticket": str(site_env.ticket), "partition": None, "account": None, "port": 9125,
+              "worker_init": f"export PATH={VENV_BIN}:$PATH", "run_dir": str(run_dir)}
+    done = run_driver(site_env, slurm, "configs.slurm_workqueue", kwargs, [f"{site_env.xrootd_url}/data/big.bin"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = _results(done.stdout)
+    assert result["sha256"] == site_env.big_sha and result["default_route_dev"] == "vpn0"
+    assert site_env.leftovers(timeout=30) == set()

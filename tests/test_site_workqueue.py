@@ -58,13 +58,14 @@ def test_worker_wrapped_by_exec(site_env):
 
 def test_workers_started_by_work_queue_factory_with_wrapper(site_env):
     """`--wrapper-input` ships the ticket into each worker's sandbox; `--wrapper` prefixes the
-    worker command. The factory passes --parent-death-like supervision; workers must survive."""
+    worker command. Workers run with --parent-death: since `exec` becomes the worker, its parent
+    stays the factory's job shell, so it keeps running, and it exits when the factory ends it."""
     expected = urls_and_sums(site_env)
     mgr = start_manager(site_env, 9124, list(expected))
     scratch = site_env.site.home / "factory-scratch"
     factory = site_env.site.popen_user(
         site_env.node, ["work_queue_factory", "-T", "local", "--min-workers", "1", "--max-workers", "1",
-                        "--timeout", "60", "-S", str(scratch),
+                        "--timeout", "60", "-S", str(scratch), "--extra-options=--parent-death",
                         "--wrapper", f"{VP} exec --ticket ticket.json --",
                         "--wrapper-input", str(site_env.ticket), LOGIN, "9124"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
