@@ -8,6 +8,13 @@ import time
 
 
 def main(url: str) -> int:
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(url).hostname
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host} ({e.strerror})") from None
     import awkward as ak
     import numpy as np
     import uproot
