@@ -83,6 +83,27 @@ def test_ticket_with_several_addresses_uses_the_one_that_answers(site_env):
     assert time.monotonic() - t0 < 8
 
 
+def test_dtls_to_a_second_address_of_a_multihomed_login_node(site_env):
+    """A client that dials the login node's *other* address must get UDP answers from that
+    address, or DTLS fails: the gateway binds one UDP socket per address for that reason."""
+    from pyroute2 import NetNS
+    with NetNS(site_env.node.ns) as ns:
+        ns.route("add", dst="198.18.10.2/32", gateway="198.19.20.1")
+    try:
+        data = json.loads(site_env.ticket.read_text())
+        data["gateways"] = ["198.18.10.2:8443"]
+        path = site_env.write_ticket("upstream-address.json", json.dumps(data))
+        log = site_env.site.home / "multihomed.log"
+        t0 = time.monotonic()
+        done = site_env.exec_("true", ticket=path, extra=("--log-file", str(log)))
+        assert done.returncode == 0, done.stderr
+        assert "Established DTLS connection" in log.read_text()
+        assert time.monotonic() - t0 < 5
+    finally:
+        with NetNS(site_env.node.ns) as ns:
+            ns.route("del", dst="198.18.10.2/32", gateway="198.19.20.1")
+
+
 def test_dtls_is_the_default_data_channel(site_env):
     log = site_env.site.home / "dtls-default.log"
     done = site_env.exec_("true", extra=("--log-file", str(log)))

@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 
 from ..errors import GatewayError
-from .base import Egress
+from .base import Egress, Forward, listen_forwards
 from .pasta import Pasta
 from .slirp import Slirp4netns
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "CHOICES", "Egress", "Forward", "listen_forwards", "select"]
 
 BACKENDS: dict[str, type[Egress]] = {"slirp4netns": Slirp4netns, "pasta": Pasta}
 CHOICES = ("auto", *BACKENDS)

@@ -14,6 +14,21 @@ from ..ticket import Endpoint
 log = logging.getLogger(__name__)
 
 
+Forward = tuple[str, Endpoint]  # ("tcp" | "udp", address and port on the host)
+
+
+def listen_forwards(listen: Endpoint, host_addresses: list[str]) -> list[Forward]:
+    """TCP on ``listen`` as given; UDP on each host address when ``listen`` is a wildcard.
+
+    A UDP socket bound to 0.0.0.0 answers from whatever address the route back picks, and a
+    client that sent to another address of a multi-homed login node drops that answer: DTLS
+    would fail. One UDP socket per address answers from the address the client used.
+    """
+    if listen.host not in ("0.0.0.0", ""):
+        return [("tcp", listen), ("udp", listen)]
+    return [("tcp", listen), *(("udp", Endpoint(h, listen.port)) for h in host_addresses)]
+
+
 class Egress(abc.ABC):
     name: str = ""
     #: An address inside the namespace that resolves DNS with the host's resolvers.
@@ -32,9 +47,10 @@ class Egress(abc.ABC):
         """(usable, reason when not)."""
 
     @abc.abstractmethod
-    def start(self, *, target_pid: int, listen: Endpoint) -> None:
-        """Attach to ``target_pid``'s namespaces and forward TCP+UDP ``listen`` to the same port
-        inside. Return once the namespace has an address and a default route."""
+    def start(self, *, target_pid: int, forwards: list[Forward]) -> list[str]:
+        """Attach to ``target_pid``'s namespaces and forward each (protocol, host endpoint) to the
+        same port inside. Return the ``ADDR/PREFIX``es the namespace must add to its egress link
+        for those forwards (often none)."""
 
     def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         log.debug("spawn: %s", " ".join(argv))

@@ -7,8 +7,7 @@ import re
 
 from .. import proc
 from ..errors import MissingTool
-from ..ticket import Endpoint
-from .base import Egress
+from .base import Egress, Forward
 
 
 class Pasta(Egress):
@@ -35,13 +34,21 @@ class Pasta(Egress):
         m = re.search(r"(20\d\d)[_-](\d\d)", cls.version())
         return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2024, 1)
 
-    def start(self, *, target_pid: int, listen: Endpoint) -> None:
-        spec = str(listen.port) if listen.host in ("0.0.0.0", "") else f"{listen.host}/{listen.port}"
+    def start(self, *, target_pid: int, forwards: list[Forward]) -> list[str]:
+        specs = []
+        for proto in ("tcp", "udp"):
+            eps = [ep for p, ep in forwards if p == proto]
+            if not eps:
+                continue
+            # This pasta takes one spec per port: several addresses become the wildcard.
+            host = "" if len(eps) > 1 or eps[0].host in ("0.0.0.0", "") else f"{eps[0].host}/"
+            specs += ["-t" if proto == "tcp" else "-u", f"{host}{eps[0].port}:{eps[0].port}"]
         self.process = self._spawn(
             [proc.find_tool("pasta"), "--foreground", "--quiet", "--config-net",
              # Without this, the namespace's gateway address would be the host itself.
              "--no-map-gw",
-             "-t", f"{spec}:{listen.port}", "-u", f"{spec}:{listen.port}", "-T", "none", "-U", "none",
+             *specs, "-T", "none", "-U", "none",
              "--netns", f"/proc/{target_pid}/ns/net", "--userns", f"/proc/{target_pid}/ns/user",
              "--log-file", str(self.run_dir / "pasta.log")])
         # Readiness (address and default route) is awaited inside the namespace by the caller.
+        return []

@@ -8,12 +8,14 @@ import socket
 from .. import proc
 from ..errors import GatewayError, MissingTool
 from ..ticket import Endpoint
-from .base import Egress
+from .base import Egress, Forward
 
 
 class Slirp4netns(Egress):
     name = "slirp4netns"
     dns_forwarder = "10.0.2.3"  # libslirp answers DNS here with the host's resolvers
+    guest_addr = "10.0.2.100"  # what --configure gives the namespace
+    first_extra_guest = 101
 
     @classmethod
     def is_supported(cls) -> tuple[bool, str]:
@@ -23,7 +25,7 @@ class Slirp4netns(Egress):
             return False, str(e)
         return True, ""
 
-    def start(self, *, target_pid: int, listen: Endpoint) -> None:
+    def start(self, *, target_pid: int, forwards: list[Forward]) -> list[str]:
         api = self.run_dir / "slirp4netns.sock"
         api.unlink(missing_ok=True)
         ready_r, ready_w = os.pipe()
@@ -39,14 +41,23 @@ class Slirp4netns(Egress):
                 raise GatewayError(f"slirp4netns did not come up: {self.log_tail() or 'no output'}")
         finally:
             os.close(ready_r)
-        for proto in ("tcp", "udp"):
-            self._add_hostfwd(api, proto, listen)
+        # libslirp sends a guest's UDP datagram out of the host socket whose *guest* address
+        # and port match its source. With one UDP socket per host address, each needs its own
+        # guest address, so that ocserv's answer to a client leaves from the host address the
+        # client dialled (ocserv replies from the address a datagram arrived on).
+        udp = [ep for proto, ep in forwards if proto == "udp"]
+        guest_for = {ep: (self.guest_addr if len(udp) < 2 else f"10.0.2.{self.first_extra_guest + i}")
+                     for i, ep in enumerate(udp)}
+        for proto, endpoint in forwards:
+            self._add_hostfwd(api, proto, endpoint, guest_for.get(endpoint, self.guest_addr)
+                              if proto == "udp" else self.guest_addr)
+        return [f"{g}/24" for g in guest_for.values() if g != self.guest_addr]
 
     @staticmethod
-    def _add_hostfwd(api_path, proto: str, listen: Endpoint) -> None:
+    def _add_hostfwd(api_path, proto: str, listen: Endpoint, guest_addr: str) -> None:
         request = {"execute": "add_hostfwd",
                    "arguments": {"proto": proto, "host_addr": listen.host, "host_port": listen.port,
-                                 "guest_port": listen.port}}
+                                 "guest_addr": guest_addr, "guest_port": listen.port}}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(api_path))

@@ -30,9 +30,10 @@ class GatewayNamespace:
         os.close(up_w)
         self._expect(b"ns", "creating the gateway namespace")
 
-    def release(self) -> None:
-        """Tell the child the egress is attached; return once ocserv has been exec'd."""
-        os.write(self._down_w, b"go")
+    def release(self, extra_addresses: list[str] = ()) -> None:
+        """Tell the child the egress is attached (and which ``ADDR/PREFIX``es to add to the
+        egress link); return once ocserv has been exec'd."""
+        os.write(self._down_w, " ".join(["go", *extra_addresses]).encode())
         os.close(self._down_w)
         # EOF without a word: the pipe closed on exec, so ocserv runs.
         self._expect(b"", "configuring the gateway namespace", timeout=45.0)
@@ -59,9 +60,14 @@ class GatewayNamespace:
             with IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 os.write(up_w, b"ns")
-                if os.read(down_r, 16) != b"go":
+                go, *extra = os.read(down_r, 4096).decode().split()
+                if go != "go":
                     os._exit(1)
                 egress_if = _wait_default_route(ipr, timeout=10.0)
+                egress_idx = ipr.link_lookup(ifname=egress_if)[0]
+                for cidr in extra:
+                    address, prefixlen = cidr.split("/")
+                    ipr.addr("add", index=egress_idx, address=address, prefixlen=int(prefixlen))
             _sysctl("net/ipv4/ip_forward", "1")
             # Answer ARP for client addresses on the egress link, so the egress backend can
             # deliver replies to VPN clients without NAT (no iptables needed).

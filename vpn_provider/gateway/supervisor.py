@@ -26,15 +26,19 @@ from .namespace import GatewayNamespace
 log = logging.getLogger(__name__)
 
 
-def advertised_endpoints(cfg: GatewayConfig) -> tuple[Endpoint, ...]:
+def host_addresses() -> list[str]:
+    """This host's non-loopback IPv4 addresses."""
+    from pyroute2 import IPRoute  # noqa: PLC0415
+    with IPRoute() as ipr:
+        addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
+    return [a for a in addrs if a and not a.startswith("127.")]
+
+
+def advertised_endpoints(cfg: GatewayConfig, hosts: list[str]) -> tuple[Endpoint, ...]:
     if cfg.advertise:
         return cfg.advertise
     if cfg.listen.host not in ("0.0.0.0", "", "::"):
         return (cfg.listen,)
-    from pyroute2 import IPRoute  # noqa: PLC0415
-    with IPRoute() as ipr:
-        addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
-    hosts = [a for a in addrs if a and not a.startswith("127.")]
     if not hosts:
         raise GatewayError("this host has no non-loopback IPv4 address to advertise",
                            "pass --advertise HOST:PORT")
@@ -82,7 +86,8 @@ class Supervisor:
         cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(cfg.state_dir, 0o700)
         cfg.run_dir.mkdir(mode=0o700, exist_ok=True)
-        endpoints = advertised_endpoints(cfg)
+        hosts = host_addresses()
+        endpoints = advertised_endpoints(cfg, hosts)
         creds = ensure_credentials(cfg.state_dir, [e.host for e in endpoints])
         backend = egress.select(cfg.egress)
         dns = cfg.dns or tuple(host_resolvers()) or (
@@ -98,8 +103,8 @@ class Supervisor:
                                    str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat)
         self.ns.spawn()
         self.egress = backend(cfg.run_dir)
-        self.egress.start(target_pid=self.ns.pid, listen=cfg.listen)
-        self.ns.release()
+        extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts))
+        self.ns.release(extra)
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret)
         ticket.save(cfg.state_dir / "ticket.json")

@@ -1,0 +1,278 @@
+"""Benchmark the data path on the simulated site: native routing vs vpn-provider vs the prototype's
+configuration, with the node<->login link capped at 1 Gbit/s (tbf) and uncapped.
+
+    python -m bench.run [--smoke] [--out bench/results]      (as root)
+
+Prints a table, writes results.json and throughput.png. Targets are reported, not asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pyroute2 import NetNS
+
+from vpn_provider.sim import data, services
+from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Site
+
+BIN = Path(sys.executable).parent
+VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
+PATHS = ("native", "ours", "prototype")
+IPERF_BASE_PORT = 5201
+DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns"}
+_WAIT_ROUTE = "for i in $(seq 200); do ip route | grep -q default && break; sleep 0.05; done; exec \"$@\""
+
+
+class Bench:
+    def __init__(self, site: Site, args: argparse.Namespace):
+        self.site, self.args = site, args
+        self.node = site.nodes[0]
+        self.home = site.home
+        self._proto_gw: subprocess.Popen | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        site = self.site
+        docroot = services.docroot(site)
+        data.random_file(docroot / "large.bin", self.args.file_mb)
+        services.start_dns(site)
+        services.start_xrootd(site, docroot)
+        for i in range(max(self.args.workers)):
+            site.start_service(site.inet, ["iperf3", "-s", "-p", str(IPERF_BASE_PORT + i)], f"iperf3-{i}")
+        up = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(self.home / "gw")])
+        assert up.returncode == 0, up.stderr
+        self._proto_gw = site.popen_user(site.login, [PY, "-m", "bench.prototype_gateway", str(self.home / "proto"),
+                                                      "8444"], env={"PYTHONPATH": str(Path(__file__).parent.parent)},
+                                         stdout=subprocess.PIPE, text=True)
+        assert self._proto_gw.stdout.readline().strip() == "READY"
+        self._native_route()
+        time.sleep(1)
+
+    def _native_route(self) -> None:
+        """A routed path node -> login -> internet, added only for the benchmark's baseline."""
+        subprocess.run(self.site.as_root(self.site.login, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]), check=True)
+        with NetNS(self.node.ns) as ns:
+            ns.route("add", dst="0.0.0.0/0", gateway=LOGIN_DOWN_ADDR)
+        with NetNS(self.site.inet.ns) as ns:
+            ns.route("add", dst="198.19.20.0/24", gateway=LOGIN_UP_ADDR)
+
+    def cap(self, rate: str | None) -> None:
+        """tbf on both ends of the node<->login link (None removes it)."""
+        for host, ifname in ((self.node, f"{self.site.prefix}n0"), (self.site.login, f"{self.site.prefix}L0")):
+            with NetNS(host.ns) as ns:
+                idx = ns.link_lookup(ifname=ifname)[0]
+                try:
+                    ns.tc("del", index=idx)
+                except Exception:  # noqa: BLE001 - no qdisc to delete
+                    pass
+                if rate:
+                    ns.tc("add", "tbf", index=idx, rate=rate, burst=256 * 1024, latency="20ms")
+
+    def close(self) -> None:
+        if self._proto_gw and self._proto_gw.poll() is None:
+            self._proto_gw.terminate()
+            self._proto_gw.wait(timeout=15)
+        self.site.run_user(self.site.login, [VP, "gateway", "stop", "--state-dir", str(self.home / "gw")])
+
+    # -- running a command over a path ---------------------------------------------------------
+    def start(self, path: str, argv: list[str], tag: str) -> list[subprocess.Popen]:
+        """Start ``argv`` on the node over ``path``; the first process's stdout is the result."""
+        site = self.site
+        if path == "native":
+            return [site.popen_user(self.node, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        if path == "ours":
+            return [site.popen_user(self.node, [VP, "exec", "--ticket", str(self.home / "gw" / "ticket.json"), "--",
+                                                *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        # The prototype: `vpnns -- CMD` creates the namespace, openconnect attaches to it.
+        cmd = site.popen_user(self.node, ["vpnns", "--name", tag, "--", "sh", "-c", _WAIT_ROUTE, "sh", *argv],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.2)
+        ticket = json.loads((self.home / "proto" / "ticket.json").read_text())
+        oc = site.popen_user(self.node, ["openconnect", "--no-dtls", "--non-inter", "--passwd-on-stdin",
+                                         f"--user={ticket['user']}", f"--servercert={ticket['pin']}",
+                                         "--script-tun", "--script", f"vpnns --attach --name {tag}",
+                                         f"https://{ticket['gateways'][0]}/"],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        oc.stdin.write(ticket["secret"] + "\n")
+        oc.stdin.close()
+        return [cmd, oc]
+
+    def run(self, path: str, argv_for, n: int, timeout: float = 300) -> list[str]:
+        groups = [self.start(path, argv_for(i), f"b{i}") for i in range(n)]
+        outputs = []
+        for group in groups:
+            out, err = group[0].communicate(timeout=timeout)
+            if group[0].returncode != 0:
+                raise RuntimeError(f"{path}: {err.strip()[-300:]}")
+            outputs.append(out)
+        for group in groups:
+            for p in group[1:]:
+                p.terminate()
+                p.wait(timeout=15)
+        return outputs
+
+    # -- figures -------------------------------------------------------------------------------
+    def iperf(self, path: str, n: int) -> dict:
+        def argv(i):
+            return ["iperf3", "-c", INET_ADDR, "-p", str(IPERF_BASE_PORT + i), "-R", "-t", str(self.args.seconds), "-J"]
+        sampler = CpuSampler(self)
+        with sampler:
+            outs = self.run(path, argv, n)
+        cpu = sampler.seconds()
+        results = [json.loads(o)["end"] for o in outs]
+        bits = sum(r["sum_received"]["bits_per_second"] for r in results)
+        moved = sum(r["sum_received"]["bytes"] for r in results)
+        return {"mbit_s": bits / 1e6, "bytes": moved, "cpu_s_per_gb": cpu / (moved / 1e9) if moved else None}
+
+    def xrootd(self, path: str) -> float:
+        # By address: the native path has no DNS (the node's resolver is offline by design).
+        script = (f"t0=$(date +%s.%N); xrdcp -s -f root://{INET_ADDR}//data/large.bin /dev/null || exit 1; "
+                  "t1=$(date +%s.%N); echo \"$t0 $t1\"")
+        [out] = self.run(path, lambda i: ["sh", "-c", script], 1)
+        t0, t1 = map(float, out.split())
+        return self.args.file_mb * 8 * 1.048576 / (t1 - t0)
+
+    def start_latency(self, path: str) -> float:
+        t0 = time.time()
+        [out] = self.run(path, lambda i: ["date", "+%s.%N"], 1)
+        return float(out.strip()) - t0
+
+    def cpu(self) -> dict[int, float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for pid in self.site.user_pids():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if comm in DATA_PATH_PROCS:
+                out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        return out
+
+
+    def rss_kb(self, comms: set[str]) -> float:
+        total = 0
+        for pid in self.site.user_pids():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() in comms:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    total += int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")))
+            except (OSError, StopIteration):
+                pass
+        return total
+
+    def memory(self) -> dict:
+        out = {}
+        for path, comms in (("ours", {"openconnect"}), ("prototype", {"openconnect", "vpnns"})):
+            group = self.start(path, ["sleep", "4"], "mem")
+            time.sleep(2.5)
+            # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
+            out[f"{path}_worker_tunnel_mb"] = self.rss_kb(comms) / 1024
+            group[0].wait(timeout=30)
+            for p in group[1:]:
+                p.terminate()
+                p.wait(timeout=15)
+        groups = [self.start("ours", ["sleep", "6"], f"m{i}") for i in range(16)]
+        time.sleep(4)
+        gw = {"ocserv-main", "ocserv-sm", "ocserv-worker", "slirp4netns"}
+        out["gateway_16_clients_mb"] = self.rss_kb(gw) / 1024
+        for g in groups:
+            g[0].wait(timeout=30)
+        return out
+
+
+class CpuSampler:
+    """CPU seconds used by data-path processes during a block: sampled every 0.1 s, because the
+    client-side processes are gone by the time the block ends."""
+
+    def __init__(self, bench: Bench):
+        self.bench = bench
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.first = self.bench.cpu()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.1):
+            self.last.update(self.bench.cpu())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def seconds(self) -> float:
+        return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="about a minute: checks the benchmark works")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args(argv)
+    args.repeats, args.seconds = (1, 1) if args.smoke else (3, 5)
+    args.workers = [1, 2] if args.smoke else [1, 2, 4, 8, 16]
+    args.file_mb = 50 if args.smoke else 500
+    args.latency_runs = 3 if args.smoke else 20
+    caps = {"1gbit": "1gbit"} if args.smoke else {"1gbit": "1gbit", "uncapped": None}
+    if os.geteuid() != 0:
+        print("bench: run as root; it builds the simulated site", file=sys.stderr)
+        return 2
+    tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o666)
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "runs": {}}
+    try:
+        with Site(nodes=1) as site:
+            bench = Bench(site, args)
+            try:
+                bench.setup()
+                for cap_name, rate in caps.items():
+                    bench.cap(rate)
+                    per_cap: dict = {}
+                    for path in PATHS:
+                        entry: dict = {"aggregate_mbit_s": {}, "cpu_s_per_gb": [], "xrootd_mbit_s": []}
+                        for n in args.workers:
+                            runs = [bench.iperf(path, n) for _ in range(args.repeats)]
+                            entry["aggregate_mbit_s"][n] = median([r["mbit_s"] for r in runs])
+                            if n == 1:
+                                entry["cpu_s_per_gb"] = median([r["cpu_s_per_gb"] for r in runs if r["cpu_s_per_gb"]])
+                            print(f"{cap_name:>8} {path:>9} x{n:<2} {entry['aggregate_mbit_s'][n]:8.0f} Mbit/s", flush=True)
+                        entry["xrootd_mbit_s"] = median([bench.xrootd(path) for _ in range(args.repeats)])
+                        per_cap[path] = entry
+                    results["runs"][cap_name] = per_cap
+                bench.cap(None)
+                latency = {p: sorted(bench.start_latency(p) for _ in range(args.latency_runs)) for p in ("native", "ours")}
+                results["exec_to_cmd_s"] = {p: {"median": median(v), "p90": v[int(0.9 * (len(v) - 1))]}
+                                            for p, v in latency.items()}
+                results["memory"] = bench.memory()
+            finally:
+                bench.close()
+    finally:
+        os.chmod("/dev/net/tun", tun_mode)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from .report import plot, table
+    print(table(results))
+    plot(results, args.out / "throughput.png")
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
