@@ -19,7 +19,8 @@ DEBIAN_WORK_QUEUE = Path("/usr/lib/python3/dist-packages/work_queue.py")
 # aliases in tests/support on the path before any test does that (see tests/support/ndcctools).
 if importlib.util.find_spec("ndcctools") is None and DEBIAN_WORK_QUEUE.exists():
     sys.path.append(str(SUPPORT))
-SITE_TOOLS = ("ocserv", "openconnect", "slirp4netns", "dnsmasq", "xrootd", "xrdcp", "curl", "iptables")
+SITE_TOOLS = ("ocserv", "openconnect", "slirp4netns", "dnsmasq", "xrootd", "xrdcp", "curl", "iptables", "iperf3",
+              "vpnns")
 
 
 def _site_skip_reason() -> str | None:

@@ -1,0 +1,26 @@
+"""The benchmark's smoke run (about a minute): it builds its own site, measures every path once,
+and writes its table, JSON and plot. Speed targets are reported by the full run, not asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.site
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_smoke_run_writes_table_json_and_plot(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ratio to native" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    for path in ("native", "ours", "prototype"):
+        assert results["runs"]["1gbit"][path]["aggregate_mbit_s"]["1"] > 0
+    assert results["exec_to_cmd_s"]["ours"]["median"] > 0
+    assert results["memory"]["ours_worker_tunnel_mb"] > 0
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
