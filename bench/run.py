@@ -26,9 +26,6 @@ BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
 PATHS = ("native", "ours", "prototype")
 IPERF_BASE_PORT = 5201
-# A fresh server for every client: when a tunnel ends, its last packets can be lost, and the
-# server on the far side then stays "busy" until its idle time-out.
-IPERF_SERVERS = 64
 DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns"}
 _WAIT_ROUTE = "for i in $(seq 200); do ip route | grep -q default && break; sleep 0.05; done; exec \"$@\""
 
@@ -47,10 +44,7 @@ class Bench:
         data.random_file(docroot / "large.bin", self.args.file_mb)
         services.start_dns(site)
         services.start_xrootd(site, docroot)
-        for i in range(IPERF_SERVERS):
-            site.start_service(site.inet, ["iperf3", "-s", "-p", str(IPERF_BASE_PORT + i), "--idle-timeout", "5"],
-                               f"iperf3-{i}")
-        self._next_port = 0
+        self._next_port = IPERF_BASE_PORT
         up = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(self.home / "gw")])
         assert up.returncode == 0, up.stderr
         self._proto_gw = site.popen_user(site.login, [PY, "-m", "bench.prototype_gateway", str(self.home / "proto"),
@@ -125,23 +119,23 @@ class Bench:
 
     # -- figures -------------------------------------------------------------------------------
     def iperf(self, path: str, n: int) -> dict:
-        try:
-            return self._iperf(path, n)
-        except RuntimeError as e:  # an iperf3 server still closing the previous test says "busy"
-            if "busy" not in str(e):
-                raise
-            time.sleep(6)  # past the servers' idle time-out
-            return self._iperf(path, n)  # on the next servers
-
-    def _iperf(self, path: str, n: int) -> dict:
-        first, self._next_port = self._next_port, (self._next_port + n) % (IPERF_SERVERS - 16)
+        # Fresh one-off servers on fresh ports for every client: when a tunnel ends, its last
+        # packets can be lost, and a reused server could still be "busy" with the old test.
+        first, self._next_port = self._next_port, self._next_port + n
+        servers = [subprocess.Popen(self.site.as_root(self.site.inet, ["iperf3", "-s", "-1", "-p", str(first + i)]),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
+        time.sleep(0.3)
 
         def argv(i):
-            return ["iperf3", "-c", INET_ADDR, "-p", str(IPERF_BASE_PORT + first + i), "-R",
-                    "-t", str(self.args.seconds), "-J"]
+            return ["iperf3", "-c", INET_ADDR, "-p", str(first + i), "-R", "-t", str(self.args.seconds), "-J"]
         sampler = CpuSampler(self)
-        with sampler:
-            outs = self.run(path, argv, n)
+        try:
+            with sampler:
+                outs = self.run(path, argv, n)
+        finally:
+            for server in servers:
+                server.kill()
+                server.wait()
         cpu = sampler.seconds()
         reports = [json.loads(o) for o in outs]
         errors = [r["error"] for r in reports if "error" in r]
