@@ -70,12 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--advertise", type=_endpoint, action="append", default=[],
                            help="address workers dial, repeatable (default: this host's addresses)")
             a.add_argument("--mtu", type=int, default=1400)
+            a.add_argument("--relay-port", type=int, default=0,
+                           help="TCP port of the relay for workers' TCP flows (default: listen port + 1)")
+            a.add_argument("--no-relay", dest="relay", action="store_false",
+                           help="no relay: workers' TCP goes through the encrypted tunnel too")
             a.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     ex = sub.add_parser("exec", help="run CMD inside the VPN (on a compute node)")
     ex.add_argument("--ticket", type=Path, required=True)
     ex.add_argument("--timeout", type=_positive, default=15.0,
                     help="seconds to wait for the tunnel (default 15)")
+    ex.add_argument("--tcp", choices=("relay", "tunnel"), default="relay",
+                    help="relay (default): TCP flows go through the gateway's relay, spliced in the "
+                         "kernel, when the ticket names one; tunnel: all traffic stays in the "
+                         "encrypted tunnel")
     ex.add_argument("--log-file", type=Path, default=None,
                     help="keep openconnect's log here (default: discarded on success)")
     ex.add_argument("--argv-b64", default=None,
@@ -97,7 +105,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     # GatewayConfig raises ValueError with the reason; main prints it in one line.
     return GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
                          dns=args.dns, pool=args.pool, egress=args.egress,
-                         advertise=tuple(args.advertise), mtu=args.mtu)
+                         advertise=tuple(args.advertise), mtu=args.mtu, relay=args.relay,
+                         relay_port=args.relay_port)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -149,7 +158,7 @@ def _exec(args: argparse.Namespace) -> int:
         return 0
     # --timeout counts from the start of this process, so interpreter start-up is inside it.
     exec_in_vpn(Ticket.load(args.ticket), cmd, env=env, timeout=args.timeout, log_file=args.log_file,
-                started=process_start_monotonic())
+                started=process_start_monotonic(), tcp=args.tcp)
     return EXIT_EXEC_FAILED  # not reached: exec_in_vpn replaces this process or raises
 
 

@@ -117,3 +117,11 @@ def user_namespaces_allowed() -> tuple[bool, str]:
         return True, ""
     return False, os.strerror(code - 100) if code >= 100 else f"child exit {code}"
 
+
+
+PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """What ps, top and /proc/PID/comm show (15 bytes at most)."""
+    _check(_libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0), "prctl")

@@ -46,6 +46,8 @@ class Ticket:
     user: str
     secret: str = dataclasses.field(repr=False)
     version: int = TICKET_VERSION
+    #: TCP port of the gateway's relay on the same hosts as ``gateways``; 0: no relay.
+    relay_port: int = 0
 
     def __post_init__(self) -> None:
         if not self.gateways:
@@ -56,12 +58,19 @@ class Ticket:
             raise ValueError("'user' must be 1-64 characters of [A-Za-z0-9_.-]")
         if len(self.secret) < 16 or "\n" in self.secret:
             raise ValueError("'secret' must be a single line of at least 16 characters")
+        if not 0 <= self.relay_port < 65536:
+            raise ValueError(f"'relay_port' {self.relay_port} is not a port number")
         if self.version != TICKET_VERSION:
             raise ValueError(f"version {self.version} is not supported (expected {TICKET_VERSION})")
 
+    def relay(self, gateway: Endpoint) -> Endpoint | None:
+        """The relay beside ``gateway`` (one of ``gateways``), if the gateway runs one."""
+        return Endpoint(gateway.host, self.relay_port) if self.relay_port else None
+
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "gateways": [str(g) for g in self.gateways],
-                           "pin": self.pin, "user": self.user, "secret": self.secret}, indent=2) + "\n"
+                           "pin": self.pin, "user": self.user, "secret": self.secret,
+                           "relay_port": self.relay_port}, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "<string>") -> "Ticket":
@@ -82,9 +91,12 @@ class Ticket:
             for key in ("pin", "user", "secret"):
                 if not isinstance(data[key], str):
                     raise ValueError(f"'{key}' must be a string")
+            relay_port = data.get("relay_port", 0)
+            if not isinstance(relay_port, int) or isinstance(relay_port, bool):
+                raise ValueError("'relay_port' must be an integer")
             return cls(gateways=tuple(Endpoint.parse(g) for g in gateways), pin=data["pin"],
                        user=data["user"], secret=data["secret"],
-                       version=int(data.get("version", TICKET_VERSION)))
+                       version=int(data.get("version", TICKET_VERSION)), relay_port=relay_port)
         except (ValueError, TypeError) as e:
             raise TicketError(source, str(e)) from None
 

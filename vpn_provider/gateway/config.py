@@ -23,6 +23,8 @@ class GatewayConfig:
     egress: str = "auto"
     advertise: tuple[Endpoint, ...] = ()  # empty: every non-loopback address of this host
     mtu: int = 1400
+    relay: bool = True  # the TCP relay beside the tunnel (see vpn_provider.relay)
+    relay_port: int = 0  # 0: the listen port + 1
 
     def __post_init__(self) -> None:
         if self.egress not in CHOICES:
@@ -34,6 +36,15 @@ class GatewayConfig:
                 raise ValueError(f"--dns {d}: only IPv4 resolvers are supported (the tunnel is IPv4)")
         if not 576 <= self.mtu <= 9000:
             raise ValueError(f"mtu {self.mtu} outside 576..9000")
+        if not 0 <= self.relay_port < 65536:
+            raise ValueError(f"relay port {self.relay_port} is not a port number")
+        if self.relay and self.relay_endpoint.port == self.listen.port:
+            raise ValueError(f"relay port {self.relay_port} must differ from the listen port")
+
+    @property
+    def relay_endpoint(self) -> Endpoint:
+        default = self.listen.port + 1 if self.listen.port < 65535 else self.listen.port - 1
+        return Endpoint(self.listen.host, self.relay_port or default)
 
     @property
     def run_dir(self) -> Path:
@@ -45,6 +56,7 @@ class GatewayConfig:
                 "--pool", str(self.pool), "--egress", self.egress, "--mtu", str(self.mtu)]
         if self.dns:
             args += ["--dns", ",".join(self.dns)]
+        args += ["--relay-port", str(self.relay_endpoint.port)] if self.relay else ["--no-relay"]
         for a in self.advertise:
             args += ["--advertise", str(a)]
         return args

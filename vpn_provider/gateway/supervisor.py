@@ -22,6 +22,7 @@ from . import ocserv_conf
 from .config import GatewayConfig, host_resolvers
 from .credentials import ensure_credentials, pin_of
 from .namespace import GatewayNamespace
+from .relay import RelayProcess
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Supervisor:
         self.cfg = cfg
         self.ns: GatewayNamespace | None = None
         self.egress: egress.Egress | None = None
+        self.relay: RelayProcess | None = None
         self._stop = False
 
     def bring_up(self) -> Ticket:
@@ -105,8 +107,12 @@ class Supervisor:
         self.egress = backend(cfg.run_dir)
         extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts))
         self.ns.release(extra)
+        if cfg.relay:
+            self.relay = RelayProcess(cfg.relay_endpoint, creds.secret, cfg.state_dir / "relay.log")
+            self.relay.start()
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
-        ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret)
+        ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret,
+                        relay_port=cfg.relay_endpoint.port if cfg.relay else 0)
         ticket.save(cfg.state_dir / "ticket.json")
         log.info("gateway up on %s (egress %s, dns %s)", cfg.listen, backend.name, ",".join(dns))
         return ticket
@@ -127,6 +133,9 @@ class Supervisor:
             if not self._ocserv_alive():
                 log.error("ocserv exited; stopping the gateway")
                 return 1
+            if self.relay and not self.relay.alive():
+                log.error("the TCP relay exited (see %s); stopping the gateway", self.relay.log_path)
+                return 1
             if self.egress and not self.egress.alive():
                 log.error("%s exited (%s); stopping the gateway", self.egress.name, self.egress.log_tail())
                 return 1
@@ -146,6 +155,8 @@ class Supervisor:
                 pass
         if self.egress:
             self.egress.stop()
+        if self.relay:
+            self.relay.stop()
 
 
 def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:

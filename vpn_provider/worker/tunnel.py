@@ -25,13 +25,19 @@ from typing import NoReturn
 
 from .. import linux, proc
 from ..errors import TunnelError
+from ..relay.client import RelayHelper
+from ..relay.protocol import relay_key
 from ..ticket import Endpoint, Ticket
 from . import netconfig, vpnc_env
 from .diagnose import classify
+from .redirect import install_redirect
 
 log = logging.getLogger(__name__)
 
 TUN_NAME = "vpn0"
+TCP_TRANSPORTS = ("relay", "tunnel")
+# The relay's check runs while openconnect connects, so it is normally long done by now.
+RELAY_VERDICT_WAIT = 2.0
 _REPORT_FD, _TUN_FD = 3, 4  # fixed numbers in openconnect's process, so the script can say >&3
 _END = b"VPNP_REPORT_END=1\0"
 # openconnect runs this with /bin/sh -c for every state change; we only want "connect".
@@ -77,8 +83,12 @@ def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float) -> Endpoint:
 
 
 class Tunnel:
-    def __init__(self, ticket: Ticket, *, timeout: float = 15.0, log_file: Path | None = None):
+    def __init__(self, ticket: Ticket, *, timeout: float = 15.0, log_file: Path | None = None,
+                 tcp: str = "relay"):
+        if tcp not in TCP_TRANSPORTS:
+            raise ValueError(f"tcp transport must be one of {', '.join(TCP_TRANSPORTS)}")
         self.ticket = ticket
+        self.tcp = tcp
         self.timeout = timeout
         self.log_file = log_file
         self.child_pid = 0
@@ -99,10 +109,15 @@ class Tunnel:
         shim = preload_library()
         self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
         argv = self.openconnect_argv(self.endpoint)
+        relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
+        # Forked first, before any pipe below exists, so it holds none of them open.
+        relay = RelayHelper(relay_endpoint, relay_key(self.ticket.secret)) if relay_endpoint else None
         try:
             log_fd = (os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                       if self.log_file else os.memfd_create("openconnect-log", os.MFD_CLOEXEC))
         except OSError as e:
+            if relay:
+                relay.abandon()
             raise TunnelError(f"cannot open the log file {self.log_file}: {e.strerror}") from None
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         passwd_r, passwd_w = os.pipe2(os.O_CLOEXEC)
@@ -130,6 +145,9 @@ class Tunnel:
             params = self._await_report(report_r, log_fd, deadline)
             netconfig.configure_links(params)
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
+            if relay:
+                _activate_relay(relay, params, deadline)
+                relay = None
         except TunnelError:
             self.kill_child()
             raise
@@ -140,6 +158,8 @@ class Tunnel:
             self.kill_child()
             raise
         finally:
+            if relay:
+                relay.abandon()
             parent_end.close()
             os.close(report_r)
             os.close(log_fd)
@@ -177,6 +197,29 @@ class Tunnel:
             except ChildProcessError:
                 pass
             self.child_pid = 0
+
+
+def _activate_relay(relay: RelayHelper, params: vpnc_env.TunnelParams, deadline: float) -> None:
+    """Send the namespace's TCP through the relay if it answered; else leave TCP in the tunnel
+    (and say so: the job works, only slower)."""
+    problem = relay.verdict(min(RELAY_VERDICT_WAIT, deadline - time.monotonic()))
+    listener = None
+    if not problem:
+        try:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1024)
+            # The pool stays in the tunnel: only the gateway's namespace can reach other workers.
+            install_redirect(listener.getsockname()[1], exclude=[params.address.network])
+        except Exception as e:  # noqa: BLE001 - NetlinkError and friends: fall back, never fail
+            problem = f"cannot redirect TCP in the namespace: {e}"
+            if listener:
+                listener.close()
+    if problem:
+        relay.abandon()
+        log.warning("TCP goes through the tunnel: %s", problem)
+        return
+    relay.hand_over(listener)
 
 
 def _still_running(pid: int) -> bool:
@@ -248,13 +291,15 @@ def _max_fd() -> int:
 
 def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None = None,
                 timeout: float = 15.0, log_file: Path | None = None,
-                started: float | None = None) -> NoReturn:
+                started: float | None = None, tcp: str = "relay") -> NoReturn:
     """Replace this process with ``argv`` (plus ``env`` in its environment) running inside the
     VPN. Raises TunnelError if the tunnel cannot be set up; never returns otherwise.
-    ``started``: the ``time.monotonic()`` the time-out counts from (default: now)."""
+    ``started``: the ``time.monotonic()`` the time-out counts from (default: now).
+    ``tcp``: "relay" sends TCP through the gateway's relay when it has one, "tunnel" keeps all
+    traffic in the encrypted tunnel."""
     if not shutil.which(argv[0], path=(env or {}).get("PATH")):
         raise TunnelError(f"command not found: {argv[0]}")
-    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file)
+    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file, tcp=tcp)
     tunnel.establish(started=started)
     os.environ.update(env or {})  # after establish: openconnect must not see CMD's settings
     linux.restore_default_signals()

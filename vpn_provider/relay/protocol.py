@@ -1,0 +1,97 @@
+"""The relay's handshake: mutual proof of the ticket's secret, then one destination.
+
+    client -> server   MAGIC, client nonce (16)
+    server -> client   server nonce (16), HMAC(key, "S" | cn | sn)
+    client -> server   HMAC(key, "C" | cn | sn | request), request = verb (1) | IPv4 (4) | port (2)
+    server -> client   status (1); on OK the connection carries the flow's bytes from here on
+
+The secret never crosses the wire, and a recorded handshake is useless because each side's
+proof covers the other side's fresh nonce. The flow's bytes are not encrypted: they are what
+the application sends (root://, https://), as they would be between the login node and the
+Internet. Use the tunnel transport where the site network between nodes must not see them.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+import os
+import socket
+import struct
+
+MAGIC = b"VPNP-RELAY/1\n"
+NONCE = 16
+MAC = 32
+_REQUEST = struct.Struct("!c4sH")
+
+
+class Verb(bytes, enum.Enum):
+    CONNECT = b"C"
+    PING = b"P"  # checks reachability and the secret; carries no flow
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    REFUSED = 1
+    UNREACHABLE = 2
+    TIMED_OUT = 3
+    FORBIDDEN = 4  # a destination the gateway will not connect to (its own loopback, say)
+    BAD_REQUEST = 5
+
+
+class HandshakeError(Exception):
+    """The peer is not a relay, or does not know the secret."""
+
+
+def relay_key(secret: str) -> bytes:
+    return hashlib.sha256(b"vpn-provider relay v1\0" + secret.encode()).digest()
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise HandshakeError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def client_handshake(sock: socket.socket, key: bytes, verb: Verb,
+                     dest: tuple[str, int] = ("0.0.0.0", 0)) -> Status:
+    """Run the client side on a connected socket; return the server's status."""
+    cn = os.urandom(NONCE)
+    sock.sendall(MAGIC + cn)
+    answer = recv_exact(sock, NONCE + MAC)
+    sn, server_mac = answer[:NONCE], answer[NONCE:]
+    if not hmac.compare_digest(server_mac, _mac(key, b"S", cn, sn)):
+        raise HandshakeError("the relay does not know this ticket's secret (a different gateway?)")
+    request = _REQUEST.pack(verb.value, ipaddress.IPv4Address(dest[0]).packed, dest[1])
+    sock.sendall(_mac(key, b"C", cn, sn, request) + request)
+    try:
+        return Status(recv_exact(sock, 1)[0])
+    except ValueError:
+        raise HandshakeError("the relay answered with an unknown status") from None
+
+
+def server_handshake(sock: socket.socket, key: bytes) -> tuple[Verb, tuple[str, int]]:
+    """Run the server side; return the verified request. The caller sends the status."""
+    hello = recv_exact(sock, len(MAGIC) + NONCE)
+    if not hello.startswith(MAGIC):
+        raise HandshakeError("not a relay client")
+    cn, sn = hello[len(MAGIC):], os.urandom(NONCE)
+    sock.sendall(sn + _mac(key, b"S", cn, sn))
+    proof = recv_exact(sock, MAC + _REQUEST.size)
+    client_mac, request = proof[:MAC], proof[MAC:]
+    if not hmac.compare_digest(client_mac, _mac(key, b"C", cn, sn, request)):
+        raise HandshakeError("wrong secret")
+    verb, addr, port = _REQUEST.unpack(request)
+    try:
+        return Verb(verb), (str(ipaddress.IPv4Address(addr)), port)
+    except ValueError:
+        raise HandshakeError(f"unknown verb {verb!r}") from None

@@ -1,0 +1,70 @@
+"""Send the namespace's outgoing TCP to a local port: one nftables rule, set over netlink.
+
+    table ip vpnp { chain out { type nat hook output priority -100;
+        meta l4proto tcp ip daddr != 127.0.0.0/8 ip daddr != <each excluded net> redirect to :PORT } }
+
+Runs inside the worker's namespace, where our user namespace gives us CAP_NET_ADMIN; no nft or
+iptables binary is needed. The listener finds each connection's real destination with
+SO_ORIGINAL_DST.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+TABLE, CHAIN = "vpnp", "out"
+_REG1 = 1
+_NETWORK_HEADER = 1
+_META_L4PROTO = 16
+_CMP_EQ, _CMP_NEQ = 0, 1
+_NAT_DST_PRIORITY = -100
+_IPV4_DST_OFFSET = 16
+SO_ORIGINAL_DST = 80
+
+
+def _value(raw: bytes) -> dict:
+    return {"attrs": [("NFTA_DATA_VALUE", raw)]}
+
+
+def _daddr_not_in(net: ipaddress.IPv4Network) -> list:
+    from pyroute2.nftables.expressions import genex  # noqa: PLC0415 - heavy; only in the namespace
+    # The destination is reloaded for each network because bitwise overwrites the register.
+    exprs = [genex("payload", {"dreg": _REG1, "base": _NETWORK_HEADER, "offset": _IPV4_DST_OFFSET, "len": 4})]
+    if net.prefixlen < 32:
+        exprs.append(genex("bitwise", {"sreg": _REG1, "dreg": _REG1, "len": 4,
+                                       "mask": _value(net.netmask.packed), "xor": _value(bytes(4))}))
+    exprs.append(genex("cmp", {"sreg": _REG1, "op": _CMP_NEQ, "data": _value(net.network_address.packed)}))
+    return exprs
+
+
+def redirect_rule(port: int, exclude: list[ipaddress.IPv4Network]) -> list:
+    """The rule's nftables expressions (pyroute2 form)."""
+    from pyroute2.nftables.expressions import genex  # noqa: PLC0415
+    exprs = [genex("meta", {"dreg": _REG1, "key": _META_L4PROTO}),
+             genex("cmp", {"sreg": _REG1, "op": _CMP_EQ, "data": _value(bytes([socket.IPPROTO_TCP]))})]
+    for net in [ipaddress.IPv4Network("127.0.0.0/8"), *exclude]:
+        exprs += _daddr_not_in(net)
+    exprs += [genex("immediate", {"dreg": _REG1, "data": _value(struct.pack("!H", port))}),
+              # The flag must be given as a set: an empty flag word would cancel the port.
+              genex("redir", {"reg_proto_min": _REG1, "flags": {"NF_NAT_RANGE_PROTO_SPECIFIED"}})]
+    return exprs
+
+
+def install_redirect(port: int, exclude: list[ipaddress.IPv4Network]) -> None:
+    """Redirect outgoing TCP (except to loopback and ``exclude``) to 127.0.0.1:``port``."""
+    from pyroute2.nftables.main import NFTables  # noqa: PLC0415
+    nft = NFTables(nfgen_family=socket.AF_INET)  # NFPROTO_IPV4: "table ip"
+    try:
+        nft.table("add", name=TABLE)
+        nft.chain("add", table=TABLE, name=CHAIN, type="nat", hook="output", priority=_NAT_DST_PRIORITY)
+        nft.rule("add", table=TABLE, chain=CHAIN, expressions=[redirect_rule(port, exclude)])
+    finally:
+        nft.close()
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a redirected connection was going (struct sockaddr_in)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, addr = struct.unpack_from("!H4s", raw, 2)
+    return socket.inet_ntoa(addr), port
