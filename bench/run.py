@@ -24,9 +24,11 @@ from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Sit
 
 BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
-PATHS = ("native", "ours", "prototype")
+# ours: the defaults (TCP through the relay, the rest through the tunnel); ours-tunnel: --tcp tunnel.
+PATHS = ("native", "ours", "ours-tunnel", "prototype")
+PROTOTYPE_PORT = "8450"
 IPERF_BASE_PORT = 5201
-DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns"}
+DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns", "vpnp-node-relay", "vpnp-gw-relay"}
 _WAIT_ROUTE = "for i in $(seq 200); do ip route | grep -q default && break; sleep 0.05; done; exec \"$@\""
 
 
@@ -48,7 +50,7 @@ class Bench:
         up = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(self.home / "gw")])
         assert up.returncode == 0, up.stderr
         self._proto_gw = site.popen_user(site.login, [PY, "-m", "bench.prototype_gateway", str(self.home / "proto"),
-                                                      "8444"], env={"PYTHONPATH": str(Path(__file__).parent.parent)},
+                                                      PROTOTYPE_PORT], env={"PYTHONPATH": str(Path(__file__).parent.parent)},
                                          stdout=subprocess.PIPE, text=True)
         assert self._proto_gw.stdout.readline().strip() == "READY"
         self._native_route()
@@ -86,9 +88,10 @@ class Bench:
         site = self.site
         if path == "native":
             return [site.popen_user(self.node, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-        if path == "ours":
-            return [site.popen_user(self.node, [VP, "exec", "--ticket", str(self.home / "gw" / "ticket.json"), "--",
-                                                *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        if path in ("ours", "ours-tunnel"):
+            tcp = ["--tcp", "tunnel"] if path == "ours-tunnel" else []
+            return [site.popen_user(self.node, [VP, "exec", *tcp, "--ticket", str(self.home / "gw" / "ticket.json"),
+                                                "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
         # The prototype: `vpnns -- CMD` creates the namespace, openconnect attaches to it.
         cmd = site.popen_user(self.node, ["vpnns", "--name", tag, "--", "sh", "-c", _WAIT_ROUTE, "sh", *argv],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,7 +189,8 @@ class Bench:
 
     def memory(self) -> dict:
         out = {}
-        for path, comms in (("ours", {"openconnect"}), ("prototype", {"openconnect", "vpnns"})):
+        for path, comms in (("ours", {"openconnect", "vpnp-node-relay"}), ("ours-tunnel", {"openconnect"}),
+                            ("prototype", {"openconnect", "vpnns"})):
             group = self.start(path, ["sleep", "4"], "mem")
             time.sleep(2.5)
             # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
@@ -197,7 +201,7 @@ class Bench:
                 p.wait(timeout=15)
         groups = [self.start("ours", ["sleep", "6"], f"m{i}") for i in range(16)]
         time.sleep(4)
-        gw = {"ocserv-main", "ocserv-sm", "ocserv-worker", "slirp4netns"}
+        gw = {"ocserv-main", "ocserv-sm", "ocserv-worker", "slirp4netns", "vpnp-gw-relay"}
         out["gateway_16_clients_mb"] = self.rss_kb(gw) / 1024
         for g in groups:
             g[0].wait(timeout=30)

@@ -31,17 +31,27 @@ def test_node_cannot_reach_internet_without_vpn(site_env):
     assert xrd.returncode != 0
 
 
-def test_http_and_xrootd_200mb_through_vpn_by_dns_name(site_env):
+@pytest.mark.parametrize("tcp", ["relay", "tunnel"])
+def test_http_and_xrootd_200mb_through_vpn_by_dns_name(site_env, tcp):
+    """Both TCP transports: the relay (default) and the encrypted tunnel. The tun device's byte
+    counter tells which one carried the data."""
     script = (f"curl -sS -f {site_env.http_url}/big.bin | sha256sum; "
               "t0=$(date +%s.%N); "
               f"xrdcp -s -f {site_env.xrootd_url}/data/big.bin - | sha256sum; "
-              "t1=$(date +%s.%N); awk \"BEGIN{print \\\"xrootd_seconds=\\\" $t1 - $t0}\"")
-    done = site_env.exec_("sh", "-c", script, timeout=180)
+              "t1=$(date +%s.%N); awk \"BEGIN{print \\\"xrootd_seconds=\\\" $t1 - $t0}\"; "
+              "echo tun_rx_bytes=$(sed -n 's/^ *vpn0: *\\([0-9]*\\).*/\\1/p' /proc/net/dev)")
+    done = site_env.exec_("sh", "-c", script, extra=("--tcp", tcp), timeout=180)
     assert done.returncode == 0, done.stderr
     assert _sha_lines(done.stdout) == [site_env.big_sha, site_env.big_sha], done.stdout
     seconds = float(re.search(r"xrootd_seconds=([\d.]+)", done.stdout).group(1))
     # No DNS time-out may stall the read (FIELD-NOTES: a missing resolver cost 60 s per file).
     assert seconds < 10, f"XRootD read of 200 MB took {seconds:.1f} s"
+    tun_rx = int(re.search(r"tun_rx_bytes=(\d+)", done.stdout).group(1))
+    if tcp == "relay":  # only DNS crossed the tunnel
+        assert tun_rx < 1_000_000, tun_rx
+    else:
+        assert tun_rx > 400_000_000, tun_rx
+    assert "TCP goes through the tunnel" not in done.stderr
     assert site_env.leftovers() == set()
 
 
@@ -120,7 +130,8 @@ def test_falls_back_to_tcp_when_udp_blocked(site_env):
         site.drop(9443, "udp")
         log = site.home / "udp-blocked.log"
         done = site_env.exec_("sh", "-c", f"curl -sS -f {site_env.http_url}/big.bin | sha256sum",
-                              ticket=state / "ticket.json", extra=("--timeout", "40", "--log-file", str(log)),
+                              ticket=state / "ticket.json",
+                              extra=("--tcp", "tunnel", "--timeout", "40", "--log-file", str(log)),
                               timeout=180)
         assert done.returncode == 0, done.stderr
         assert _sha_lines(done.stdout) == [site_env.big_sha]
@@ -152,7 +163,7 @@ def test_pasta_egress_carries_traffic(site_env):
     assert started.returncode == 0, started.stderr
     try:
         done = site_env.exec_("sh", "-c", f"curl -s {site_env.http_url}/big.bin | head -c 20971520 | wc -c",
-                              ticket=state / "ticket.json", timeout=120)
+                              ticket=state / "ticket.json", extra=("--tcp", "tunnel"), timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["20971520"]
     finally:

@@ -14,7 +14,9 @@ from pathlib import Path
 from . import linux, proc
 from .errors import MissingTool, TicketError, TunnelError
 from .gateway.supervisor import probe_pin
-from .ticket import Ticket
+from .relay.client import probe
+from .relay.protocol import relay_key
+from .ticket import Endpoint, Ticket
 from .worker.tunnel import preload_library
 
 OK, FAIL, WARN = "ok", "FAIL", "warn"
@@ -95,10 +97,23 @@ def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
         except (OSError, ssl.SSLError) as e:
             out.append(Finding(f"pin of {ep}", FAIL, f"TLS handshake failed: {e}",
                                "is something other than the gateway listening there?"))
+        out += _relay(ticket, ep)
     if out:  # another address of the ticket works: workers will use that one
         for f in unreachable:
             f.verdict, f.remedy = WARN, "workers use another address of the ticket"
     return out + unreachable
+
+
+def _relay(ticket: Ticket, gateway: Endpoint) -> list[Finding]:
+    relay = ticket.relay(gateway)
+    if not relay:
+        return [Finding("TCP relay", WARN, "the gateway runs none; TCP goes through the tunnel",
+                        "start the gateway without --no-relay for near-native TCP throughput")]
+    problem = probe(relay, relay_key(ticket.secret))
+    if problem:
+        return [Finding(f"TCP relay {relay}", WARN, problem,
+                        f"allow TCP to port {relay.port} of the login node; until then TCP uses the slower tunnel")]
+    return [Finding(f"TCP relay {relay}", OK, "answers and knows the ticket's secret")]
 
 
 _DNS_PROBE = """

@@ -28,7 +28,7 @@ from .protocol import HandshakeError, Status, Verb, client_handshake
 from .pump import Flow, reset, tune
 
 log = logging.getLogger(__name__)
-PROCESS_NAME = "vpnp-relay"
+PROCESS_NAME = "vpnp-node-relay"
 CONNECT_TIMEOUT = 10.0
 
 

@@ -21,7 +21,7 @@ from .protocol import HandshakeError, Status, Verb, server_handshake
 from .pump import Flow, reset, tune
 
 log = logging.getLogger("vpn_provider.relay")
-PROCESS_NAME = "vpnp-relay"
+PROCESS_NAME = "vpnp-gw-relay"
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 15.0
 _ERRNO_STATUS = {errno.ECONNREFUSED: Status.REFUSED, errno.ENETUNREACH: Status.UNREACHABLE,

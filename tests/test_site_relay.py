@@ -1,0 +1,98 @@
+"""The TCP relay on the simulated site: the fallback to the tunnel when it cannot be used, a
+gateway without it, and failures the application must see quickly."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.site
+
+
+def _start_gateway(site_env, name: str, port: int, *extra: str):
+    site = site_env.site
+    state = site.home / name
+    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", f"0.0.0.0:{port}",
+                          *extra)
+    assert started.returncode == 0, started.stderr
+    return state
+
+
+def _stop_gateway(site_env, state) -> None:
+    site_env.vp(site_env.site.login, "gateway", "stop", "--state-dir", str(state))
+
+
+_COUNT_20MB_AND_TUN = ("curl -sS -f {url}/big.bin | head -c 20971520 | wc -c; "
+                       "echo tun_rx_bytes=$(sed -n 's/^ *vpn0: *\\([0-9]*\\).*/\\1/p' /proc/net/dev)")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _tun_rx(stdout: str) -> int:
+    return int(re.search(r"tun_rx_bytes=(\d+)", stdout).group(1))
+
+
+def test_unreachable_relay_falls_back_to_the_tunnel_with_one_warning(site_env):
+    """A site firewall that lets the VPN port through but not the relay's must cost speed, not
+    the job."""
+    site = site_env.site
+    state = _start_gateway(site_env, "gw-relay-blocked", 9450)
+    try:
+        assert json.loads((state / "ticket.json").read_text())["relay_port"] == 9451
+        site.drop(9451, "tcp")
+        t0 = time.monotonic()
+        done = site_env.exec_("sh", "-c", _COUNT_20MB_AND_TUN.format(url=site_env.http_url),
+                              ticket=state / "ticket.json", timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == "20971520"
+        assert _tun_rx(done.stdout) > 20_000_000, "the data did not come through the tunnel"
+        # (curl also complains: head closes the pipe after 20 MB)
+        warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("vpn-provider:")]
+        assert len(warnings) == 1 and "TCP goes through the tunnel" in warnings[0] and "9451" in warnings[0]
+        assert time.monotonic() - t0 < 15
+        check = site_env.vp(site_env.node, "check", "--ticket",
+                            str(state / "ticket.json"), "--dns-name", "www.sim.test", timeout=90)
+        assert check.returncode == 0, check.stdout  # a warning, not a failure: jobs still run
+        line = next(ln for ln in check.stdout.splitlines() if ln.startswith("TCP relay 198.19.20.1:9451"))
+        assert " warn " in line, line
+    finally:
+        _stop_gateway(site_env, state)
+    assert site_env.leftovers() == set()
+
+
+def test_gateway_without_relay_keeps_tcp_in_the_tunnel(site_env):
+    site = site_env.site
+    before = set(site.user_pids())
+    state = _start_gateway(site_env, "gw-no-relay", 9452, "--no-relay")
+    try:
+        assert json.loads((state / "ticket.json").read_text())["relay_port"] == 0
+        names = {_comm(pid) for pid in set(site.user_pids()) - before}
+        assert "vpnp-gw-relay" not in names and "ocserv-main" in names
+        done = site_env.exec_("sh", "-c", _COUNT_20MB_AND_TUN.format(url=site_env.http_url),
+                              ticket=state / "ticket.json", timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == "20971520" and _tun_rx(done.stdout) > 20_000_000
+        assert "vpn-provider:" not in done.stderr
+    finally:
+        _stop_gateway(site_env, state)
+    assert site_env.leftovers() == set()
+
+
+def test_closed_port_through_the_relay_fails_fast(site_env):
+    """Nothing listens on port 81 of the internet host: the application must get an error at
+    once (a reset, since the relay accepted its connection locally), not hang."""
+    done = site_env.exec_("sh", "-c", f"t0=$(date +%s); curl -sS -m 30 {site_env.http_url}:81/ ; rc=$?; "
+                          "echo rc=$rc seconds=$(( $(date +%s) - t0 ))")
+    assert done.returncode == 0, done.stderr
+    rc, seconds = map(int, re.search(r"rc=(\d+) seconds=(\d+)", done.stdout).groups())
+    assert rc in (7, 56), done.stderr  # couldn't connect, or connection reset
+    assert seconds <= 3
+    assert site_env.leftovers() == set()
