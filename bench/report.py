@@ -3,7 +3,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TARGETS = "targets: single stream capped >= 95% of native; uncapped >= 3000 Mbit/s; 16 workers capped >= 95% of native"
+
+def _ratio(results: dict, cap: str, path: str, n: str) -> float | None:
+    runs = results["runs"].get(cap, {})
+    try:
+        return runs[path]["aggregate_mbit_s"][n] / runs["native"]["aggregate_mbit_s"][n]
+    except (KeyError, ZeroDivisionError, TypeError):
+        return None
+
+
+def targets(results: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, what we measured, met?) for each target of issue 4; None: not measured."""
+    out = []
+    def add(name, value, fmt, ok):
+        out.append((name, "not measured" if value is None else fmt.format(value), None if value is None else ok(value)))
+    add("single stream, 1 Gbit/s cap: >= 95% of native", _ratio(results, "1gbit", "ours", "1"), "{:.0%}",
+        lambda v: v >= 0.95)
+    uncapped = results["runs"].get("uncapped", {}).get("ours", {}).get("aggregate_mbit_s", {}).get("1")
+    add("single stream, no cap: >= 3000 Mbit/s", uncapped, "{:,.0f} Mbit/s", lambda v: v >= 3000)
+    add("16 workers, 1 Gbit/s cap: >= 95% of native", _ratio(results, "1gbit", "ours", "16"), "{:.0%}",
+        lambda v: v >= 0.95)
+    latency = results.get("exec_to_cmd_s", {}).get("ours", {}).get("median")
+    add("exec to CMD start: median <= 0.5 s", latency, "{:.3f} s", lambda v: v <= 0.5)
+    rss = results.get("memory", {}).get("ours_worker_tunnel_mb")
+    add("one worker's tunnel processes: <= 7.5 MB RSS", rss, "{:.1f} MB", lambda v: v <= 7.5)
+    cpu = {p: results["runs"].get("1gbit", {}).get(p, {}).get("cpu_s_per_gb") for p in ("ours", "prototype")}
+    cpu_ratio = cpu["ours"] / cpu["prototype"] if cpu["ours"] and cpu["prototype"] else None
+    add("CPU per GB: <= 1/3 of the prototype's", cpu_ratio, "{:.2f} of it", lambda v: v <= 1 / 3)
+    return out
 
 
 def _fmt(x, unit=""):
@@ -32,7 +59,9 @@ def table(results: dict) -> str:
     mem = results.get("memory", {})
     if mem:
         lines.append("memory (RSS MB): " + "; ".join(f"{k} {v:.1f}" for k, v in mem.items()))
-    lines.append(TARGETS)
+    lines.append("\ntargets:")
+    for name, value, ok in targets(results):
+        lines.append(f"  {'met' if ok else '-' if ok is None else 'NOT met':<8} {name:<48} {value}")
     return "\n".join(lines)
 
 

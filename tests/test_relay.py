@@ -134,3 +134,24 @@ def test_relay_server_answers_ping_and_refuses_loopback_destinations(relay_serve
 def test_relay_server_resets_a_client_with_the_wrong_secret(relay_server):
     with pytest.raises(HandshakeError):
         _ask(relay_server, Verb.PING, ("0.0.0.0", 0), key=relay_key("x" * 32))
+
+
+@pytest.mark.parametrize("key", [b"", b"k" * 20, b"long" * 40])
+def test_builtin_hmac_matches_the_standard_library(key):
+    import hmac
+    from vpn_provider.relay.protocol import hmac_sha256
+    message = os.urandom(100)
+    assert hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).digest()
+
+
+def test_node_helper_runs_in_a_bare_interpreter_without_openssl():
+    """Each worker carries the helper for its whole life: it must not load hashlib's OpenSSL."""
+    import subprocess
+    import sys
+    from vpn_provider.worker import relay_helper
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import vpn_provider.relay.node; "
+             "print(sorted(m for m in ('hashlib', '_hashlib', 'ssl', 'pyroute2', 'logging') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", probe, relay_helper._PACKAGE_ROOT],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import linux, proc
 from .errors import MissingTool, TicketError, TunnelError
 from .gateway.supervisor import probe_pin
-from .relay.client import probe
+from .relay.node import probe
 from .relay.protocol import relay_key
 from .ticket import Endpoint, Ticket
 from .worker.tunnel import preload_library
@@ -109,7 +109,7 @@ def _relay(ticket: Ticket, gateway: Endpoint) -> list[Finding]:
     if not relay:
         return [Finding("TCP relay", WARN, "the gateway runs none; TCP goes through the tunnel",
                         "start the gateway without --no-relay for near-native TCP throughput")]
-    problem = probe(relay, relay_key(ticket.secret))
+    problem = probe((relay.host, relay.port), relay_key(ticket.secret))
     if problem:
         return [Finding(f"TCP relay {relay}", WARN, problem,
                         f"allow TCP to port {relay.port} of the login node; until then TCP uses the slower tunnel")]

@@ -4,8 +4,8 @@
         meta l4proto tcp ip daddr != 127.0.0.0/8 ip daddr != <each excluded net> redirect to :PORT } }
 
 Runs inside the worker's namespace, where our user namespace gives us CAP_NET_ADMIN; no nft or
-iptables binary is needed. The listener finds each connection's real destination with
-SO_ORIGINAL_DST.
+iptables binary is needed. The relay helper finds each connection's real destination with
+SO_ORIGINAL_DST (``vpn_provider.relay.node``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ _META_L4PROTO = 16
 _CMP_EQ, _CMP_NEQ = 0, 1
 _NAT_DST_PRIORITY = -100
 _IPV4_DST_OFFSET = 16
-SO_ORIGINAL_DST = 80
 
 
 def _value(raw: bytes) -> dict:
@@ -62,9 +61,3 @@ def install_redirect(port: int, exclude: list[ipaddress.IPv4Network]) -> None:
     finally:
         nft.close()
 
-
-def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """Where a redirected connection was going (struct sockaddr_in)."""
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, addr = struct.unpack_from("!H4s", raw, 2)
-    return socket.inet_ntoa(addr), port

@@ -25,12 +25,12 @@ from typing import NoReturn
 
 from .. import linux, proc
 from ..errors import TunnelError
-from ..relay.client import RelayHelper
 from ..relay.protocol import relay_key
 from ..ticket import Endpoint, Ticket
 from . import netconfig, vpnc_env
 from .diagnose import classify
 from .redirect import install_redirect
+from .relay_helper import RelayHelper
 
 log = logging.getLogger(__name__)
 
