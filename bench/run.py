@@ -29,6 +29,8 @@ PATHS = ("native", "ours", "ours-tunnel", "prototype")
 PROTOTYPE_PORT = "8450"
 IPERF_BASE_PORT = 5201
 DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns", "vpnp-node-relay", "vpnp-gw-relay"}
+_START_AT = ("import os, sys, time; time.sleep(max(0.0, float(sys.argv[1]) - time.time())); "
+             "os.execvp(sys.argv[2], sys.argv[2:])")
 _WAIT_ROUTE = "for i in $(seq 200); do ip route | grep -q default && break; sleep 0.05; done; exec \"$@\""
 
 
@@ -129,9 +131,15 @@ class Bench:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
         time.sleep(0.3)
 
+        # Every client waits for one start time, so that their measuring windows coincide and
+        # the sum of their rates is an aggregate; tunnels that come up at different moments
+        # would otherwise each measure a window with less competition.
+        start_at = time.time() + 1.5 + 0.3 * n
+
         def argv(i):
             # -O 1: leave out the first second (slow start, and the relay's buffers filling).
-            return ["iperf3", "-c", INET_ADDR, "-p", str(first + i), "-R", "-t", str(self.args.seconds), "-O", "1",
+            return [PY, "-c", _START_AT, f"{start_at:.3f}",
+                    "iperf3", "-c", INET_ADDR, "-p", str(first + i), "-R", "-t", str(self.args.seconds), "-O", "1",
                     "-J"]
         sampler = CpuSampler(self)
         try:
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: run as root; it builds the simulated site", file=sys.stderr)
         return 2
+    Site.clean_up_on_sigterm()
     tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
     os.chmod("/dev/net/tun", 0o666)
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "runs": {}}

@@ -39,7 +39,9 @@ def test_negative_timeout():
 
 def test_bad_gateway_option_values_are_one_line(tmp_path):
     for args, needle in ((["--mtu", "10"], "mtu 10 outside"), (["--pool", "10.0.0.0/31"], "too small"),
-                         (["--dns", "::1"], "only IPv4")):
+                         (["--dns", "::1"], "only IPv4"),
+                         (["--listen", "0.0.0.0:9000", "--relay-port", "9000"], "must differ from the listen port"),
+                         (["--relay-port", "70000"], "not a port number")):
         done = vp("gateway", "start", "--state-dir", str(tmp_path / "s"), *args)
         assert done.returncode == 1 and needle in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1

@@ -77,6 +77,13 @@ def test_init_is_typechecked():
     assert "--ticket /t.json" in VPNLauncher(ticket=Path("/t.json")).wrap("w")
 
 
+def test_tcp_transport_choice_reaches_the_exec_command():
+    assert "--tcp" not in VPNLauncher().wrap("w")  # the default: the relay
+    assert "--tcp tunnel" in VPNLauncher(tcp="tunnel").wrap("w")
+    with pytest.raises(ValueError, match="tcp"):
+        VPNLauncher(tcp="udp")
+
+
 def test_three_argument_launchers_still_work():
     class OldLauncher(Launcher):
         def __call__(self, command, tasks_per_node, nodes_per_block):

@@ -73,3 +73,20 @@ def test_endpoint_parse(text, host, port):
 def test_endpoint_rejects(text):
     with pytest.raises(ValueError):
         Endpoint.parse(text)
+
+
+def test_relay_port_round_trips_and_old_tickets_have_none(tmp_path):
+    path = tmp_path / "ticket.json"
+    make(relay_port=8444).save(path)
+    loaded = Ticket.load(path)
+    assert loaded.relay_port == 8444 and loaded.relay(loaded.gateways[0]) == Endpoint("10.0.0.1", 8444)
+    old = json.loads(path.read_text())
+    del old["relay_port"]  # a ticket from before the relay existed
+    assert Ticket.from_json(json.dumps(old)).relay(Endpoint("10.0.0.1", 8443)) is None
+
+
+@pytest.mark.parametrize("value", ["8444", 70000, True])
+def test_bad_relay_port_is_named(value):
+    text = make().to_json().replace('"relay_port": 0', f'"relay_port": {json.dumps(value)}')
+    with pytest.raises(TicketError, match="relay_port"):
+        Ticket.from_json(text)

@@ -34,20 +34,29 @@ class VPNLauncher(Launcher):
         Seconds a worker waits for its tunnel before failing with a one-line error (exit 125).
     executable:
         How compute nodes find vpn-provider (default: on PATH, e.g. after ``worker_init``).
+    tcp:
+        ``"relay"`` (default): TCP through the gateway's relay, at the link's speed;
+        ``"tunnel"``: all traffic in the encrypted tunnel.
     """
 
     @typeguard.typechecked
     def __init__(self, launcher: Optional[Launcher] = None, ticket: Union[str, os.PathLike] = "~/.vpn/ticket.json",
-                 timeout: float = 15.0, executable: str = "vpn-provider", debug: bool = True):
+                 timeout: float = 15.0, executable: str = "vpn-provider", tcp: str = "relay",
+                 debug: bool = True):
         super().__init__(debug=debug)
+        if tcp not in ("relay", "tunnel"):
+            raise ValueError(f"tcp must be 'relay' or 'tunnel', not {tcp!r}")
         self.launcher = launcher if launcher is not None else SingleNodeLauncher(debug=debug)
         self.ticket = ticket
         self.timeout = timeout
         self.executable = executable
+        self.tcp = tcp
 
     def wrap(self, command: str) -> str:
         """The worker command as it runs inside the VPN."""
         prefix = [self.executable, "exec", "--ticket", os.fspath(self.ticket), "--timeout", f"{self.timeout:g}"]
+        if self.tcp != "relay":
+            prefix += ["--tcp", self.tcp]
         return exec_command_text(prefix, command)
 
     def __call__(self, command: str, tasks_per_node: int, nodes_per_block: int, script_dir: str = "") -> str:

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("demo: run as root; it builds network namespaces for the simulated site", file=sys.stderr)
         return 2
+    Site.clean_up_on_sigterm()
     tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
     os.chmod("/dev/net/tun", 0o666)  # as shipped by most distributions; see README
     try:

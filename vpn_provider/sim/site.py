@@ -178,6 +178,13 @@ class Site:
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         self._built_ns.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        # xrootd announces each instance (-n prefix) in /tmp, whatever its adminpath says.
+        Path(f"/tmp/xrootd.{self.prefix}.env").unlink(missing_ok=True)
+
+    @staticmethod
+    def clean_up_on_sigterm() -> None:
+        """Make SIGTERM unwind like Ctrl-C, so ``with Site()`` still tears the site down."""
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     def __enter__(self) -> "Site":
         return self.build()

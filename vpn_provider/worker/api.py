@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 
-def vpn_command(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0) -> list[str]:
-    """The argv that runs ``argv`` inside the VPN: for subprocess, launchers and wrappers."""
+def vpn_command(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0,
+                tcp: str = "relay") -> list[str]:
+    """The argv that runs ``argv`` inside the VPN: for subprocess, launchers and wrappers.
+    ``tcp="tunnel"`` keeps TCP in the encrypted tunnel instead of the faster relay."""
     return [sys.executable, "-m", "vpn_provider", "exec", "--ticket", str(Path(ticket).expanduser()),
-            "--timeout", f"{timeout:g}", "--", *argv]
+            "--timeout", f"{timeout:g}", "--tcp", tcp, "--", *argv]
 
 
-def run(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0,
+def run(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0, tcp: str = "relay",
         **kwargs) -> subprocess.CompletedProcess:
     """Run ``argv`` inside the VPN and wait for it, like ``subprocess.run``.
 
     Exit status 125 means the tunnel could not be set up; stderr then holds one line saying why.
     """
-    return subprocess.run(vpn_command(ticket, argv, timeout=timeout), **kwargs)
+    return subprocess.run(vpn_command(ticket, argv, timeout=timeout, tcp=tcp), **kwargs)
