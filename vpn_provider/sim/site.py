@@ -53,6 +53,7 @@ class Site:
         self._services: list[subprocess.Popen] = []
         self._built_ns: list[str] = []
         self._user_made = False
+        self._owner_pid = os.getpid()  # forked children (pyroute2 forks) must never tear down
 
     # -- building -------------------------------------------------------------------------
     def build(self) -> "Site":
@@ -150,6 +151,8 @@ class Site:
 
     # -- tearing down -------------------------------------------------------------------------
     def close(self) -> None:
+        if os.getpid() != self._owner_pid:
+            return
         for p in self._services:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -183,8 +186,16 @@ class Site:
 
     @staticmethod
     def clean_up_on_sigterm() -> None:
-        """Make SIGTERM unwind like Ctrl-C, so ``with Site()`` still tears the site down."""
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        """Make SIGTERM unwind like Ctrl-C, so ``with Site()`` still tears the site down.
+        Only in this process: pyroute2 forks helpers and ends them with SIGTERM, and a helper
+        must then just die, not unwind into our code."""
+        owner = os.getpid()
+
+        def on_sigterm(signum, frame):
+            if os.getpid() != owner:
+                os._exit(128 + signum)
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def __enter__(self) -> "Site":
         return self.build()
