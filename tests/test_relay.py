@@ -155,3 +155,50 @@ def test_node_helper_runs_in_a_bare_interpreter_without_openssl():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset():
+    """A destination that aborts mid-transfer must not look like a complete download."""
+    import struct
+    app, relay_in = _loopback_pair()
+    relay_out, far = _loopback_pair()
+    threading.Thread(target=Flow(relay_in, relay_out).run, daemon=True).start()
+    far.sendall(b"partial")
+    assert app.recv(7) == b"partial"
+    far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    far.close()  # RST
+    app.settimeout(10)
+    with pytest.raises(ConnectionResetError):
+        while app.recv(1 << 16):
+            pass
+
+
+def test_relay_server_rejects_a_client_proof_made_without_the_secret(relay_server):
+    """The server half of the proof: a client that cannot sign the request gets no status."""
+    from vpn_provider.relay.protocol import MAC, MAGIC, NONCE
+    with socket.create_connection(relay_server, timeout=5) as s:
+        s.sendall(MAGIC + os.urandom(NONCE))
+        assert len(s.recv(NONCE + MAC, socket.MSG_WAITALL)) == NONCE + MAC
+        s.sendall(os.urandom(MAC) + b"C" + socket.inet_aton("198.18.10.1") + (80).to_bytes(2, "big"))
+        try:
+            answer = s.recv(1)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""
+
+
+def test_relay_server_drops_a_client_that_drips_its_handshake(relay_server, monkeypatch):
+    """A whole handshake has one deadline, so a client cannot hold a slot by sending slowly."""
+    import time
+    from vpn_provider.relay import protocol
+    monkeypatch.setattr(protocol, "HANDSHAKE_DEADLINE", 0.5)
+    with socket.create_connection(relay_server, timeout=5) as s:
+        t0 = time.monotonic()
+        try:
+            for byte in protocol.MAGIC:
+                s.sendall(bytes([byte]))
+                time.sleep(0.1)
+            answer = s.recv(1)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert answer == b"" and time.monotonic() - t0 < 3

@@ -97,19 +97,20 @@ def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
         except (OSError, ssl.SSLError) as e:
             out.append(Finding(f"pin of {ep}", FAIL, f"TLS handshake failed: {e}",
                                "is something other than the gateway listening there?"))
-        out += _relay(ticket, ep)
+        if ticket.relay_port:
+            out += _relay(ticket, ep, timeout)
     if out:  # another address of the ticket works: workers will use that one
         for f in unreachable:
             f.verdict, f.remedy = WARN, "workers use another address of the ticket"
+    if not ticket.relay_port:
+        out.append(Finding("TCP relay", WARN, "the gateway runs none; TCP goes through the tunnel",
+                           "start the gateway without --no-relay for near-native TCP throughput"))
     return out + unreachable
 
 
-def _relay(ticket: Ticket, gateway: Endpoint) -> list[Finding]:
-    relay = ticket.relay(gateway)
-    if not relay:
-        return [Finding("TCP relay", WARN, "the gateway runs none; TCP goes through the tunnel",
-                        "start the gateway without --no-relay for near-native TCP throughput")]
-    problem = probe((relay.host, relay.port), relay_key(ticket.secret))
+def _relay(ticket: Ticket, gateway: Endpoint, timeout: float) -> list[Finding]:
+    relay = Endpoint(gateway.host, ticket.relay_port)
+    problem = probe((relay.host, relay.port), relay_key(ticket.secret), timeout=min(timeout, 5))
     if problem:
         return [Finding(f"TCP relay {relay}", WARN, problem,
                         f"allow TCP to port {relay.port} of the login node; until then TCP uses the slower tunnel")]

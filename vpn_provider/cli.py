@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="address workers dial, repeatable (default: this host's addresses)")
             a.add_argument("--mtu", type=int, default=1400)
             a.add_argument("--relay-port", type=int, default=0,
-                           help="TCP port of the relay for workers' TCP flows (default: listen port + 1)")
+                           help="TCP port of the relay for workers' TCP flows (default: listen port + 1, "
+                                "so space two gateways' ports by two)")
             a.add_argument("--no-relay", dest="relay", action="store_false",
                            help="no relay: workers' TCP goes through the encrypted tunnel too")
             a.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)

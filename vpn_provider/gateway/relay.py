@@ -20,7 +20,8 @@ class RelayProcess:
 
     def start(self) -> None:
         # Bound here, not in the child, so a busy port is a one-line error from `gateway start`.
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.listen.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((self.listen.host, self.listen.port))

@@ -16,6 +16,7 @@ import enum
 import os
 import socket
 import struct
+import time
 
 # The node's relay helper imports this module in a bare interpreter (python -I -S), where
 # hashlib and hmac would load OpenSSL and add 4 MB to every worker: use the built-in SHA-256.
@@ -29,6 +30,8 @@ except ImportError:  # pragma: no cover - depends on the interpreter
 from _operator import _compare_digest as compare_digest  # what hmac.compare_digest is
 
 MAGIC = b"VPNP-RELAY/1\n"
+HANDSHAKE_DEADLINE = 5.0  # seconds for a whole handshake, not per read: no slow-drip clients
+DEST_CONNECT_TIMEOUT = 15.0  # the gateway's connect to a destination; the client waits longer
 NONCE = 16
 MAC = 32
 _REQUEST = struct.Struct("!c4sH")
@@ -69,9 +72,15 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac_sha256(key, b"".join(parts))
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes, or HandshakeError; ``deadline`` is a time.monotonic() value."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HandshakeError("handshake took too long")
+            sock.settimeout(left)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise HandshakeError(f"connection closed after {len(buf)} of {n} bytes")
@@ -98,12 +107,13 @@ def client_handshake(sock: socket.socket, key: bytes, verb: Verb,
 
 def server_handshake(sock: socket.socket, key: bytes) -> tuple[Verb, tuple[str, int]]:
     """Run the server side; return the verified request. The caller sends the status."""
-    hello = recv_exact(sock, len(MAGIC) + NONCE)
+    deadline = time.monotonic() + HANDSHAKE_DEADLINE
+    hello = recv_exact(sock, len(MAGIC) + NONCE, deadline)
     if not hello.startswith(MAGIC):
         raise HandshakeError("not a relay client")
     cn, sn = hello[len(MAGIC):], os.urandom(NONCE)
     sock.sendall(sn + _mac(key, b"S", cn, sn))
-    proof = recv_exact(sock, MAC + _REQUEST.size)
+    proof = recv_exact(sock, MAC + _REQUEST.size, deadline)
     client_mac, request = proof[:MAC], proof[MAC:]
     if not compare_digest(client_mac, _mac(key, b"C", cn, sn, request)):
         raise HandshakeError("wrong secret")

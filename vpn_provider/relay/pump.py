@@ -1,9 +1,10 @@
 """Move a flow's bytes between two TCP sockets inside the kernel, both directions.
 
 splice(2) moves pages from one socket's receive queue through a pipe into the other socket,
-so user space never touches the data; Python only loops once per chunk (up to 1 MiB), not
-per packet. Half-closes pass through (EOF one way becomes shutdown(SHUT_WR) the other way),
-and an error in either direction resets both.
+so user space never touches the data; Python only loops once per chunk, not per packet.
+An end of stream one way becomes shutdown(SHUT_WR) the other way (half-closes pass through);
+a reset or error either way resets both sides, so no application mistakes a broken transfer
+for a complete one.
 """
 from __future__ import annotations
 
@@ -13,21 +14,35 @@ import socket
 import struct
 import threading
 
-CHUNK = 1 << 20
+# Per pipe. Linux caps a user's pipe buffers at 64 MiB in all (fs.pipe-user-pages-soft) and
+# then shrinks every new pipe of that user, the job's own included: 256 KiB x 2 pipes x 2
+# hosts leaves room for over a hundred concurrent flows.
+CHUNK = 256 * 1024
 _HAS_SPLICE = hasattr(os, "splice")  # Python >= 3.10
+# A relay socket whose peer vanished (a crashed or preempted node) is found within ~2 min.
+_KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
+# Flow threads only splice; the default 8 MiB stack reservation would cap the flow count.
+threading.stack_size(256 * 1024)
 
 
 def tune(sock: socket.socket) -> None:
-    """No Nagle delay on the relay's own sockets: small requests (XRootD's) must not wait."""
+    """No Nagle delay (small requests, XRootD's, must not wait) and keepalives."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in _KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-def reset(sock: socket.socket) -> None:
-    """Close with RST, so the peer sees the failure instead of a clean end of stream."""
+def _linger_zero(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST, so the peer sees the failure instead of a clean end of stream."""
+    _linger_zero(sock)
     sock.close()
 
 
@@ -36,7 +51,7 @@ def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
     try:
         try:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
-        except OSError:  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still works
+        except OSError:  # the user's pipe quota is spent: the default size still works
             pass
         while True:
             n = os.splice(src.fileno(), w, CHUNK, flags=os.SPLICE_F_MOVE)
@@ -50,7 +65,7 @@ def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
 
 
 def _copy_one_way(src: socket.socket, dst: socket.socket) -> None:
-    buf = bytearray(256 * 1024)
+    buf = bytearray(CHUNK)
     view = memoryview(buf)
     while True:
         n = src.recv_into(buf)
@@ -73,7 +88,12 @@ class Flow:
 
     def run(self) -> None:
         """Pump until both directions end; the calling thread carries one of them."""
-        threading.Thread(target=self._direction, args=(self.b, self.a), daemon=True).start()
+        try:
+            threading.Thread(target=self._direction, args=(self.b, self.a), daemon=True).start()
+        except RuntimeError:  # no thread to be had: refuse the flow rather than hang it
+            reset(self.a)
+            reset(self.b)
+            return
         self._direction(self.a, self.b)
 
     def _direction(self, src: socket.socket, dst: socket.socket) -> None:
@@ -81,15 +101,21 @@ class Flow:
             _one_way(src, dst)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
-            self._failed = True
-            for s in (self.a, self.b):  # wake the other direction
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._fail()
         with self._lock:
             self._running -= 1
             last = self._running == 0
         if last:
             for s in (self.a, self.b):
                 reset(s) if self._failed else s.close()
+
+    def _fail(self) -> None:
+        """Wake the other direction without sending anything: a FIN now would tell a healthy
+        peer the stream ended cleanly before our RST arrives."""
+        self._failed = True
+        for s in (self.a, self.b):
+            _linger_zero(s)
+            try:
+                s.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass

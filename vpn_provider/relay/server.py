@@ -4,7 +4,9 @@
 
 For each authenticated client it connects to the requested destination and splices the two
 sockets. It refuses the login node's loopback, as slirp4netns' --disable-host-loopback does for
-the tunnel: workers must not reach services bound to 127.0.0.1 on the login node.
+the tunnel: workers must not reach services bound to 127.0.0.1 on the login node. Anyone who
+can reach the port can try a handshake, so handshakes are few at a time and short, and what
+they cost in the log is bounded.
 """
 from __future__ import annotations
 
@@ -15,17 +17,37 @@ import logging
 import socket
 import sys
 import threading
+import time
 
 from .. import linux
-from .protocol import HandshakeError, Status, Verb, server_handshake
+from .protocol import DEST_CONNECT_TIMEOUT, HandshakeError, Status, Verb, server_handshake
 from .pump import Flow, reset, tune
 
 log = logging.getLogger("vpn_provider.relay")
 PROCESS_NAME = "vpnp-gw-relay"
-HANDSHAKE_TIMEOUT = 10.0
-CONNECT_TIMEOUT = 15.0
+MAX_PENDING_HANDSHAKES = 64
 _ERRNO_STATUS = {errno.ECONNREFUSED: Status.REFUSED, errno.ENETUNREACH: Status.UNREACHABLE,
                  errno.EHOSTUNREACH: Status.UNREACHABLE, errno.ETIMEDOUT: Status.TIMED_OUT}
+
+
+class QuietLog:
+    """At most one line per ``interval`` seconds; the rest are counted, not written."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval, self._next, self._dropped = interval, 0.0, 0
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._dropped += 1
+                return
+            dropped, self._dropped, self._next = self._dropped, 0, now + self.interval
+        log.warning(message + (f" ({dropped} more not shown)" if dropped else ""), *args)
+
+
+quiet = QuietLog()
 
 
 def forbidden(host: str) -> bool:
@@ -37,45 +59,57 @@ def open_destination(dest: tuple[str, int]) -> tuple[Status, socket.socket | Non
     if forbidden(dest[0]):
         return Status.FORBIDDEN, None
     try:
-        out = socket.create_connection(dest, timeout=CONNECT_TIMEOUT)
+        out = socket.create_connection(dest, timeout=DEST_CONNECT_TIMEOUT)
     except socket.timeout:
         return Status.TIMED_OUT, None
     except OSError as e:
         return _ERRNO_STATUS.get(e.errno, Status.UNREACHABLE), None
     out.settimeout(None)
-    tune(out)
     return Status.OK, out
 
 
-def handle(client: socket.socket, key: bytes) -> None:
+def handle(client: socket.socket, key: bytes, pending: threading.Semaphore) -> None:
+    out = None
     try:
-        client.settimeout(HANDSHAKE_TIMEOUT)
-        verb, dest = server_handshake(client, key)
+        try:
+            verb, dest = server_handshake(client, key)
+        finally:
+            pending.release()
         status, out = (Status.OK, None) if verb is Verb.PING else open_destination(dest)
+        client.settimeout(10.0)
         client.sendall(bytes([status]))
         client.settimeout(None)
     except (HandshakeError, OSError) as e:
-        log.warning("relay: refused a client: %s", e)
+        quiet.warning("relay: refused a client: %s", e)
         reset(client)
+        if out:
+            reset(out)
         return
     if out is None:
         client.close()
         return
     tune(client)
+    tune(out)
     Flow(client, out).run()
 
 
 def serve(listener: socket.socket, key: bytes) -> None:
+    pending = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
     while True:
         try:
             client, _ = listener.accept()
-        except InterruptedError:
+        except OSError as e:  # EMFILE and friends: note it, breathe, go on
+            quiet.warning("relay: accept failed: %s", e)
+            time.sleep(0.1)
             continue
-        except OSError as e:  # EMFILE and friends: log, breathe, go on
-            log.error("relay: accept failed: %s", e)
-            threading.Event().wait(0.1)
+        if not pending.acquire(blocking=False):
+            reset(client)  # a flood of unfinished handshakes: turn the newcomer away
             continue
-        threading.Thread(target=handle, args=(client, key), daemon=True).start()
+        try:
+            threading.Thread(target=handle, args=(client, key, pending), daemon=True).start()
+        except RuntimeError:  # no thread to be had
+            pending.release()
+            reset(client)
 
 
 def main(argv: list[str] | None = None) -> int:

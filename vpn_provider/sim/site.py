@@ -144,10 +144,11 @@ class Site:
                     pass
         return pids
 
-    def drop(self, port: int, proto: str = "udp") -> None:
-        """Silently drop ``proto`` traffic to ``port`` on the login host, as a site firewall might."""
-        subprocess.run(self.as_root(self.login, ["iptables", "-I", "INPUT", "-p", proto, "--dport", str(port),
-                                                 "-j", "DROP"]), check=True, capture_output=True)
+    def drop(self, port: int, proto: str = "udp", *, undo: bool = False) -> None:
+        """Silently drop ``proto`` traffic to ``port`` on the login host, as a site firewall might
+        (``undo``: remove that rule again)."""
+        subprocess.run(self.as_root(self.login, ["iptables", "-D" if undo else "-I", "INPUT", "-p", proto,
+                                                 "--dport", str(port), "-j", "DROP"]), check=True, capture_output=True)
 
     # -- tearing down -------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,7 +1,11 @@
 """Send the namespace's outgoing TCP to a local port: one nftables rule, set over netlink.
 
     table ip vpnp { chain out { type nat hook output priority -100;
+        meta l4proto tcp tcp dport 53 accept
         meta l4proto tcp ip daddr != 127.0.0.0/8 ip daddr != <each excluded net> redirect to :PORT } }
+
+DNS over TCP stays in the tunnel, beside DNS over UDP: the pushed resolver may be one that
+only the gateway's namespace can reach (slirp4netns' 10.0.2.3).
 
 Runs inside the worker's namespace, where our user namespace gives us CAP_NET_ADMIN; no nft or
 iptables binary is needed. The relay helper finds each connection's real destination with
@@ -20,6 +24,9 @@ _META_L4PROTO = 16
 _CMP_EQ, _CMP_NEQ = 0, 1
 _NAT_DST_PRIORITY = -100
 _IPV4_DST_OFFSET = 16
+_TRANSPORT_HEADER = 2
+_TCP_DPORT_OFFSET = 2
+_NF_ACCEPT = 1
 
 
 def _value(raw: bytes) -> dict:
@@ -37,11 +44,25 @@ def _daddr_not_in(net: ipaddress.IPv4Network) -> list:
     return exprs
 
 
+def _is_tcp() -> list:
+    from pyroute2.nftables.expressions import genex  # noqa: PLC0415
+    return [genex("meta", {"dreg": _REG1, "key": _META_L4PROTO}),
+            genex("cmp", {"sreg": _REG1, "op": _CMP_EQ, "data": _value(bytes([socket.IPPROTO_TCP]))})]
+
+
+def dns_stays_rule() -> list:
+    """TCP to port 53 is accepted unchanged (so it follows the routes: the tunnel)."""
+    from pyroute2.nftables.expressions import genex, verdict  # noqa: PLC0415
+    return [*_is_tcp(),
+            genex("payload", {"dreg": _REG1, "base": _TRANSPORT_HEADER, "offset": _TCP_DPORT_OFFSET, "len": 2}),
+            genex("cmp", {"sreg": _REG1, "op": _CMP_EQ, "data": _value(struct.pack("!H", 53))}),
+            *verdict(_NF_ACCEPT)]
+
+
 def redirect_rule(port: int, exclude: list[ipaddress.IPv4Network]) -> list:
     """The rule's nftables expressions (pyroute2 form)."""
     from pyroute2.nftables.expressions import genex  # noqa: PLC0415
-    exprs = [genex("meta", {"dreg": _REG1, "key": _META_L4PROTO}),
-             genex("cmp", {"sreg": _REG1, "op": _CMP_EQ, "data": _value(bytes([socket.IPPROTO_TCP]))})]
+    exprs = _is_tcp()
     for net in [ipaddress.IPv4Network("127.0.0.0/8"), *exclude]:
         exprs += _daddr_not_in(net)
     exprs += [genex("immediate", {"dreg": _REG1, "data": _value(struct.pack("!H", port))}),
@@ -57,7 +78,18 @@ def install_redirect(port: int, exclude: list[ipaddress.IPv4Network]) -> None:
     try:
         nft.table("add", name=TABLE)
         nft.chain("add", table=TABLE, name=CHAIN, type="nat", hook="output", priority=_NAT_DST_PRIORITY)
+        nft.rule("add", table=TABLE, chain=CHAIN, expressions=[dns_stays_rule()])
         nft.rule("add", table=TABLE, chain=CHAIN, expressions=[redirect_rule(port, exclude)])
     finally:
         nft.close()
 
+
+
+def remove_redirect() -> None:
+    """Undo install_redirect (when the helper that should serve the port is gone)."""
+    from pyroute2.nftables.main import NFTables  # noqa: PLC0415
+    nft = NFTables(nfgen_family=socket.AF_INET)
+    try:
+        nft.table("del", name=TABLE)
+    finally:
+        nft.close()

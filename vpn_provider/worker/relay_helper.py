@@ -47,10 +47,13 @@ class RelayHelper:
         return msg[3:].decode(errors="replace") or f"relay {self.relay}: the helper exited"
 
     def hand_over(self, listener: socket.socket) -> None:
-        """Give the helper the namespace's listening socket; from now on it serves alone."""
-        socket.send_fds(self._ctl, [b"L"], [listener.fileno()])
-        listener.close()
-        self._ctl.close()
+        """Give the helper the namespace's listening socket; from now on it serves alone.
+        Raises OSError if the helper is gone."""
+        try:
+            socket.send_fds(self._ctl, [b"L"], [listener.fileno()])
+        finally:
+            listener.close()
+            self._ctl.close()
 
     def abandon(self) -> None:
         """End the helper now: CMD must not inherit a child it does not know about."""
@@ -65,6 +68,8 @@ class RelayHelper:
 def _become_helper(ctl: socket.socket) -> None:
     try:
         linux.die_with_parent()
+        os.setpgid(0, 0)  # out of CMD's process group: see vpn_provider.relay.node
+        os.chdir("/")  # hold no job directory busy
         devnull = os.open(os.devnull, os.O_RDWR)
         # Lift the control socket above fd 3 first: it may *be* fd 3, and dup2 onto itself
         # would leave close-on-exec set.

@@ -29,7 +29,7 @@ from ..relay.protocol import relay_key
 from ..ticket import Endpoint, Ticket
 from . import netconfig, vpnc_env
 from .diagnose import classify
-from .redirect import install_redirect
+from .redirect import install_redirect, remove_redirect
 from .relay_helper import RelayHelper
 
 log = logging.getLogger(__name__)
@@ -203,23 +203,31 @@ def _activate_relay(relay: RelayHelper, params: vpnc_env.TunnelParams, deadline:
     """Send the namespace's TCP through the relay if it answered; else leave TCP in the tunnel
     (and say so: the job works, only slower)."""
     problem = relay.verdict(min(RELAY_VERDICT_WAIT, deadline - time.monotonic()))
-    listener = None
     if not problem:
-        try:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1024)
-            # The pool stays in the tunnel: only the gateway's namespace can reach other workers.
-            install_redirect(listener.getsockname()[1], exclude=[params.address.network])
-        except Exception as e:  # noqa: BLE001 - NetlinkError and friends: fall back, never fail
-            problem = f"cannot redirect TCP in the namespace: {e}"
-            if listener:
-                listener.close()
+        problem = _redirect_tcp_to(relay, params)
     if problem:
         relay.abandon()
         log.warning("TCP goes through the tunnel: %s", problem)
-        return
-    relay.hand_over(listener)
+
+
+def _redirect_tcp_to(relay: RelayHelper, params: vpnc_env.TunnelParams) -> str:
+    """Hand the helper a listening socket and redirect TCP to it; '' or what went wrong."""
+    # The pool stays in the tunnel: only the gateway's namespace reaches other workers.
+    exclude = [params.address.network]
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        install_redirect(listener.getsockname()[1], exclude=exclude)
+    except Exception as e:  # noqa: BLE001 - NetlinkError and friends: fall back, never fail
+        listener.close()
+        return f"cannot redirect TCP in the namespace: {e}"
+    try:
+        relay.hand_over(listener)
+    except OSError as e:
+        remove_redirect()
+        return f"the relay helper is gone ({e.strerror or e})"
+    return ""
 
 
 def _still_running(pid: int) -> bool:

@@ -1,0 +1,69 @@
+"""The worker namespace's nftables redirect, against the real kernel: in a throwaway user+net
+namespace (the tier that needs user namespaces; no site, no traffic leaves the namespace)."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+
+import pytest
+
+from vpn_provider import linux
+
+
+def _in_namespace(probe) -> dict:
+    """Run ``probe()`` in a child inside a new user+net namespace; return what it returned."""
+    ok, why = linux.user_namespaces_allowed()
+    if not ok:
+        pytest.skip(f"this kernel refuses unprivileged user namespaces: {why}")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(), flags=linux.CLONE_NEWNET)
+            result = probe()
+        except BaseException as e:  # noqa: BLE001 - report, never return into pytest
+            result = {"error": repr(e)}
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+def _probe_redirect() -> dict:
+    from pyroute2 import IPRoute
+    from vpn_provider.relay.node import original_destination
+    from vpn_provider.worker.redirect import install_redirect
+    with IPRoute() as ipr:  # every address routes to lo, so nothing can leave the namespace
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        ipr.route("add", dst="0.0.0.0/0", oif=lo, family=socket.AF_INET)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(1)
+    install_redirect(listener.getsockname()[1], exclude=[ipaddress.IPv4Network("100.64.0.0/16")])
+    seen = {}
+    for host, port in (("198.18.10.1", 1094), ("198.18.10.1", 53), ("100.64.0.9", 80)):
+        s = socket.socket()
+        s.settimeout(1)
+        try:
+            s.connect((host, port))
+            conn, _ = listener.accept()
+            seen[f"{host}:{port}"] = "%s:%d" % original_destination(conn)
+            conn.close()
+        except OSError as e:
+            seen[f"{host}:{port}"] = type(e).__name__
+        s.close()
+    return seen
+
+
+def test_outgoing_tcp_is_redirected_except_dns_and_the_pool():
+    seen = _in_namespace(_probe_redirect)
+    assert "error" not in seen, seen["error"]
+    assert seen["198.18.10.1:1094"] == "198.18.10.1:1094"  # reached our listener, destination known
+    assert seen["198.18.10.1:53"] != "198.18.10.1:53"  # DNS over TCP follows the routes instead
+    assert seen["100.64.0.9:80"] != "100.64.0.9:80"  # other workers stay in the tunnel
