@@ -106,13 +106,16 @@ def main(ctl_fd: int) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTOU, signal.SIGTTIN):
         signal.signal(sig, signal.SIG_IGN)
     ctl = socket.socket(fileno=ctl_fd)
-    setup = json.loads(ctl.recv(4096))
-    relay, key = (setup["host"], setup["port"]), bytes.fromhex(setup["key"])
-    problem = probe(relay, key)
-    ctl.send(b"NO " + problem.encode() if problem else b"OK")
-    if problem:
+    try:
+        setup = json.loads(ctl.recv(4096))
+        relay, key = (setup["host"], setup["port"]), bytes.fromhex(setup["key"])
+        problem = probe(relay, key)
+        ctl.send(b"NO " + problem.encode() if problem else b"OK")
+        if problem:
+            return 0
+        _, fds, _, _ = socket.recv_fds(ctl, 16, 1)
+    except (OSError, ValueError, KeyError):  # exec gave up on us (and will say why): just go
         return 0
-    _, fds, _, _ = socket.recv_fds(ctl, 16, 1)
     ctl.close()
     if not fds:
         return 0
