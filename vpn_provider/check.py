@@ -109,7 +109,7 @@ def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
 
 
 def _relay(ticket: Ticket, gateway: Endpoint, timeout: float) -> list[Finding]:
-    relay = Endpoint(gateway.host, ticket.relay_port)
+    relay = ticket.relay(gateway)
     problem = probe((relay.host, relay.port), relay_key(ticket.secret), timeout=min(timeout, 5))
     if problem:
         return [Finding(f"TCP relay {relay}", WARN, problem,

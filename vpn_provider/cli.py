@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .errors import VPNError
 from .gateway.config import DEFAULT_LISTEN, DEFAULT_POOL, GatewayConfig
+from .relay import TCP_TRANSPORTS
 from .ticket import Endpoint
 
 EXIT_FAILURE = 1
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ticket", type=Path, required=True)
     ex.add_argument("--timeout", type=_positive, default=15.0,
                     help="seconds to wait for the tunnel (default 15)")
-    ex.add_argument("--tcp", choices=("relay", "tunnel"), default="relay",
+    ex.add_argument("--tcp", choices=TCP_TRANSPORTS, default="relay",
                     help="relay (default): TCP flows go through the gateway's relay, spliced in the "
                          "kernel, when the ticket names one; tunnel: all traffic stays in the "
                          "encrypted tunnel")

@@ -18,6 +18,7 @@ import typeguard
 from parsl.launchers import SingleNodeLauncher
 from parsl.launchers.base import Launcher
 
+from .relay import TCP_TRANSPORTS
 from .worker.command import exec_command_text
 
 
@@ -44,8 +45,8 @@ class VPNLauncher(Launcher):
                  timeout: float = 15.0, executable: str = "vpn-provider", tcp: str = "relay",
                  debug: bool = True):
         super().__init__(debug=debug)
-        if tcp not in ("relay", "tunnel"):
-            raise ValueError(f"tcp must be 'relay' or 'tunnel', not {tcp!r}")
+        if tcp not in TCP_TRANSPORTS:
+            raise ValueError(f"tcp must be one of {', '.join(TCP_TRANSPORTS)}, not {tcp!r}")
         self.launcher = launcher if launcher is not None else SingleNodeLauncher(debug=debug)
         self.ticket = ticket
         self.timeout = timeout

@@ -15,7 +15,7 @@ from ..ticket import Endpoint
 class RelayProcess:
     def __init__(self, listen: Endpoint, secret: str, log_path: Path):
         self.listen, self.log_path = listen, log_path
-        self._secret = secret
+        self._key = relay_key(secret)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -36,7 +36,7 @@ class RelayProcess:
                 stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
                 preexec_fn=linux.die_with_parent)
         # The key travels on a pipe, never in argv or the environment.
-        self.process.stdin.write(relay_key(self._secret).hex().encode() + b"\n")
+        self.process.stdin.write(self._key.hex().encode() + b"\n")
         self.process.stdin.close()
 
     def alive(self) -> bool:

@@ -6,3 +6,6 @@ TCP connection to the gateway's relay on the login node, authenticates with the 
 names the destination, and from then on the kernel moves the bytes (splice(2)) on both sides.
 No per-packet work happens in user space, so a flow runs near the speed of the link.
 """
+
+#: How a worker's TCP travels: through this relay (default), or inside the encrypted tunnel.
+TCP_TRANSPORTS = ("relay", "tunnel")

@@ -48,7 +48,6 @@ class Status(enum.IntEnum):
     UNREACHABLE = 2
     TIMED_OUT = 3
     FORBIDDEN = 4  # a destination the gateway will not connect to (its own loopback, say)
-    BAD_REQUEST = 5
 
 
 class HandshakeError(Exception):

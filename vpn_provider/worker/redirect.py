@@ -13,9 +13,13 @@ SO_ORIGINAL_DST (``vpn_provider.relay.node``).
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
+
+from pyroute2.nftables.expressions import genex, verdict
+from pyroute2.nftables.main import NFTables
 
 TABLE, CHAIN = "vpnp", "out"
 _REG1 = 1
@@ -34,7 +38,6 @@ def _value(raw: bytes) -> dict:
 
 
 def _daddr_not_in(net: ipaddress.IPv4Network) -> list:
-    from pyroute2.nftables.expressions import genex  # noqa: PLC0415 - heavy; only in the namespace
     # The destination is reloaded for each network because bitwise overwrites the register.
     exprs = [genex("payload", {"dreg": _REG1, "base": _NETWORK_HEADER, "offset": _IPV4_DST_OFFSET, "len": 4})]
     if net.prefixlen < 32:
@@ -45,14 +48,12 @@ def _daddr_not_in(net: ipaddress.IPv4Network) -> list:
 
 
 def _is_tcp() -> list:
-    from pyroute2.nftables.expressions import genex  # noqa: PLC0415
     return [genex("meta", {"dreg": _REG1, "key": _META_L4PROTO}),
             genex("cmp", {"sreg": _REG1, "op": _CMP_EQ, "data": _value(bytes([socket.IPPROTO_TCP]))})]
 
 
 def dns_stays_rule() -> list:
     """TCP to port 53 is accepted unchanged (so it follows the routes: the tunnel)."""
-    from pyroute2.nftables.expressions import genex, verdict  # noqa: PLC0415
     return [*_is_tcp(),
             genex("payload", {"dreg": _REG1, "base": _TRANSPORT_HEADER, "offset": _TCP_DPORT_OFFSET, "len": 2}),
             genex("cmp", {"sreg": _REG1, "op": _CMP_EQ, "data": _value(struct.pack("!H", 53))}),
@@ -61,7 +62,6 @@ def dns_stays_rule() -> list:
 
 def redirect_rule(port: int, exclude: list[ipaddress.IPv4Network]) -> list:
     """The rule's nftables expressions (pyroute2 form)."""
-    from pyroute2.nftables.expressions import genex  # noqa: PLC0415
     exprs = _is_tcp()
     for net in [ipaddress.IPv4Network("127.0.0.0/8"), *exclude]:
         exprs += _daddr_not_in(net)
@@ -71,25 +71,25 @@ def redirect_rule(port: int, exclude: list[ipaddress.IPv4Network]) -> list:
     return exprs
 
 
-def install_redirect(port: int, exclude: list[ipaddress.IPv4Network]) -> None:
-    """Redirect outgoing TCP (except to loopback and ``exclude``) to 127.0.0.1:``port``."""
-    from pyroute2.nftables.main import NFTables  # noqa: PLC0415
+@contextlib.contextmanager
+def _nftables():
     nft = NFTables(nfgen_family=socket.AF_INET)  # NFPROTO_IPV4: "table ip"
     try:
+        yield nft
+    finally:
+        nft.close()
+
+
+def install_redirect(port: int, exclude: list[ipaddress.IPv4Network]) -> None:
+    """Redirect outgoing TCP (except to loopback and ``exclude``) to 127.0.0.1:``port``."""
+    with _nftables() as nft:
         nft.table("add", name=TABLE)
         nft.chain("add", table=TABLE, name=CHAIN, type="nat", hook="output", priority=_NAT_DST_PRIORITY)
         nft.rule("add", table=TABLE, chain=CHAIN, expressions=[dns_stays_rule()])
         nft.rule("add", table=TABLE, chain=CHAIN, expressions=[redirect_rule(port, exclude)])
-    finally:
-        nft.close()
-
 
 
 def remove_redirect() -> None:
     """Undo install_redirect (when the helper that should serve the port is gone)."""
-    from pyroute2.nftables.main import NFTables  # noqa: PLC0415
-    nft = NFTables(nfgen_family=socket.AF_INET)
-    try:
+    with _nftables() as nft:
         nft.table("del", name=TABLE)
-    finally:
-        nft.close()

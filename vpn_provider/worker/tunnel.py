@@ -25,6 +25,7 @@ from typing import NoReturn
 
 from .. import linux, proc
 from ..errors import TunnelError
+from ..relay import TCP_TRANSPORTS
 from ..relay.protocol import relay_key
 from ..ticket import Endpoint, Ticket
 from . import netconfig, vpnc_env
@@ -35,7 +36,6 @@ from .relay_helper import RelayHelper
 log = logging.getLogger(__name__)
 
 TUN_NAME = "vpn0"
-TCP_TRANSPORTS = ("relay", "tunnel")
 # The relay's check runs while openconnect connects, so it is normally long done by now.
 RELAY_VERDICT_WAIT = 2.0
 _REPORT_FD, _TUN_FD = 3, 4  # fixed numbers in openconnect's process, so the script can say >&3
