@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 
 import pytest
 
@@ -35,9 +36,16 @@ def _in_namespace(probe) -> dict:
     return json.loads(text)
 
 
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a redirected connection was going: SO_ORIGINAL_DST, a struct sockaddr_in (what
+    the native helper reads, in C)."""
+    raw = sock.getsockopt(socket.SOL_IP, 80, 16)
+    port, addr = struct.unpack_from("!H4s", raw, 2)
+    return socket.inet_ntoa(addr), port
+
+
 def _probe_redirect() -> dict:
     from pyroute2 import IPRoute
-    from vpn_provider.relay.node import original_destination
     from vpn_provider.worker.redirect import install_redirect
     with IPRoute() as ipr:  # every address routes to lo, so nothing can leave the namespace
         lo = ipr.link_lookup(ifname="lo")[0]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import VP, wait_until
 
 pytestmark = pytest.mark.site
 
@@ -63,6 +66,12 @@ def test_unreachable_relay_falls_back_to_the_tunnel_with_one_warning(site_env):
         assert check.returncode == 0, check.stdout  # a warning, not a failure: jobs still run
         line = next(ln for ln in check.stdout.splitlines() if ln.startswith("TCP relay 198.19.20.1:9451"))
         assert " warn " in line, line
+        # relay-only has nothing to fall back to: a one-line error within the time-out
+        t0 = time.monotonic()
+        only = site_env.exec_("true", ticket=state / "ticket.json", extra=("--tcp", "relay-only", "--timeout", "4"))
+        assert only.returncode == 125 and time.monotonic() - t0 < 8
+        assert only.stderr.startswith("vpn-provider: VPN tunnel failed: relay 198.19.20.1:9451"), only.stderr
+        assert len(only.stderr.splitlines()) == 1, only.stderr
     finally:
         site.drop(9451, "tcp", undo=True)
         _stop_gateway(site_env, state)
@@ -82,6 +91,8 @@ def test_gateway_without_relay_keeps_tcp_in_the_tunnel(site_env):
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[0] == "20971520" and _tun_rx(done.stdout) > 20_000_000
         assert "vpn-provider:" not in done.stderr
+        only = site_env.exec_("true", ticket=state / "ticket.json", extra=("--tcp", "relay-only"))
+        assert only.returncode == 125 and "runs no TCP relay" in only.stderr.splitlines()[0], only.stderr
     finally:
         _stop_gateway(site_env, state)
     assert site_env.leftovers() == set()
@@ -99,4 +110,25 @@ def test_closed_port_through_the_relay_fails_fast(site_env):
     assert rc == 56 and "reset" in done.stderr, done.stderr
     assert "TCP goes through the tunnel" not in done.stderr
     assert seconds <= 3
+    assert site_env.leftovers() == set()
+
+
+def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
+    """No openconnect: the worker's only companion is the native helper, about 1 MB. When CMD
+    ends, so does the helper."""
+    site = site_env.site
+    proc = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--tcp", "relay-only",
+                                           "--", "sh", "-c", f"getent hosts www.sim.test && curl -sS -f -o /dev/null "
+                                           f"{site_env.http_url}/big.bin && exec sleep 300"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: _comm(proc.pid) == "sleep", 60), proc.stderr.read() if proc.poll() is not None else "CMD never got to sleep"
+        companions = {pid: _comm(pid) for pid in set(site.user_pids()) - site_env.baseline - {proc.pid}}
+        assert sorted(companions.values()) == ["vpnp-node-relay"], companions
+        [helper] = companions
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{helper}/status").read_text()).group(1))
+        assert rss_kb < 4096, f"the helper takes {rss_kb} kB"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
     assert site_env.leftovers() == set()

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import linux, proc
 from .errors import MissingTool, TicketError, TunnelError
 from .gateway.supervisor import probe_pin
-from .relay.node import probe
+from .relay.client import probe
 from .relay.protocol import relay_key
 from .ticket import Endpoint, Ticket
 from .worker.tunnel import preload_library

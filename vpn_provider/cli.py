@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tcp", choices=TCP_TRANSPORTS, default="relay",
                     help="relay (default): TCP flows go through the gateway's relay, spliced in the "
                          "kernel, when the ticket names one; tunnel: all traffic stays in the "
-                         "encrypted tunnel")
+                         "encrypted tunnel; relay-only: no tunnel, only TCP and DNS, through the "
+                         "relay (about 1 MB per worker instead of 14)")
     ex.add_argument("--log-file", type=Path, default=None,
                     help="keep openconnect's log here (default: discarded on success)")
     ex.add_argument("--argv-b64", default=None,

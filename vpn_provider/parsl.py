@@ -37,7 +37,8 @@ class VPNLauncher(Launcher):
         How compute nodes find vpn-provider (default: on PATH, e.g. after ``worker_init``).
     tcp:
         ``"relay"`` (default): TCP through the gateway's relay, at the link's speed;
-        ``"tunnel"``: all traffic in the encrypted tunnel.
+        ``"tunnel"``: all traffic in the encrypted tunnel;
+        ``"relay-only"``: no tunnel, only TCP and DNS, through the relay (smallest per worker).
     """
 
     @typeguard.typechecked

@@ -62,8 +62,9 @@ class GatewayConfig:
         return args
 
 
-def host_resolvers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
-    """IPv4 nameservers of this host, minus loopback ones (clients cannot reach our 127.0.0.1)."""
+def host_resolvers(resolv_conf: str = "/etc/resolv.conf", *, loopback: bool = False) -> list[str]:
+    """IPv4 nameservers of this host. Loopback ones only if asked: tunnel clients cannot reach
+    our 127.0.0.1, but the relay, which runs here, can."""
     try:
         text = Path(resolv_conf).read_text()
     except OSError:
@@ -75,6 +76,6 @@ def host_resolvers(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
             ip = ipaddress.ip_address(ns.split("%")[0])
         except ValueError:
             continue
-        if not ip.is_loopback and ip.version == 4:
+        if ip.version == 4 and (loopback or not ip.is_loopback):
             out.append(str(ip))
     return out

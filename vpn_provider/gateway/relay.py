@@ -13,8 +13,8 @@ from ..ticket import Endpoint
 
 
 class RelayProcess:
-    def __init__(self, listen: Endpoint, secret: str, log_path: Path):
-        self.listen, self.log_path = listen, log_path
+    def __init__(self, listen: Endpoint, secret: str, log_path: Path, resolvers: tuple[str, ...] = ()):
+        self.listen, self.log_path, self.resolvers = listen, log_path, resolvers
         self._key = relay_key(secret)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -32,7 +32,8 @@ class RelayProcess:
                                "choose --relay-port PORT, or --no-relay") from None
         with listener, open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno())],
+                [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
+                 *(f"--resolver={ip}" for ip in self.resolvers)],
                 stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
                 preexec_fn=linux.die_with_parent)
         # The key travels on a pipe, never in argv or the environment.

@@ -108,7 +108,10 @@ class Supervisor:
         extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts))
         self.ns.release(extra)
         if cfg.relay:
-            self.relay = RelayProcess(cfg.relay_endpoint, creds.secret, cfg.state_dir / "relay.log")
+            # The relay runs in this host's network, so this host's resolvers serve its DNS
+            # streams (relay-only workers), loopback ones included.
+            self.relay = RelayProcess(cfg.relay_endpoint, creds.secret, cfg.state_dir / "relay.log",
+                                      resolvers=cfg.dns or tuple(host_resolvers(loopback=True)))
             self.relay.start()
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret,

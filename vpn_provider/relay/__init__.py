@@ -7,5 +7,7 @@ names the destination, and from then on the kernel moves the bytes (splice(2)) o
 No per-packet work happens in user space, so a flow runs near the speed of the link.
 """
 
-#: How a worker's TCP travels: through this relay (default), or inside the encrypted tunnel.
-TCP_TRANSPORTS = ("relay", "tunnel")
+#: How a worker's TCP travels: through this relay beside the tunnel (default), inside the
+#: encrypted tunnel, or through the relay with no tunnel at all ("relay-only": TCP and DNS
+#: only, and no openconnect: the smallest footprint per worker).
+TCP_TRANSPORTS = ("relay", "tunnel", "relay-only")

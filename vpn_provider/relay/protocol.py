@@ -5,6 +5,9 @@
     client -> server   HMAC(key, "C" | cn | sn | request), request = verb (1) | IPv4 (4) | port (2)
     server -> client   status (1); on OK the connection carries the flow's bytes from here on
 
+Two implementations speak it: this module (the gateway's relay, and ``check``'s probe) and
+``native/node_relay.c`` (the worker's helper).
+
 The secret never crosses the wire, and a recorded handshake is useless because each side's
 proof covers the other side's fresh nonce. The flow's bytes are not encrypted: they are what
 the application sends (root://, https://), as they would be between the login node and the
@@ -40,6 +43,7 @@ _REQUEST = struct.Struct("!c4sH")
 class Verb(bytes, enum.Enum):
     CONNECT = b"C"
     PING = b"P"  # checks reachability and the secret; carries no flow
+    DNS = b"D"  # a DNS-over-TCP stream to the gateway's own resolver (the address is ignored)
 
 
 class Status(enum.IntEnum):

@@ -2,8 +2,8 @@
 
     python -m vpn_provider.relay.server --listen-fd N     (the key arrives as hex on stdin)
 
-For each authenticated client it connects to the requested destination and splices the two
-sockets. It refuses the login node's loopback, as slirp4netns' --disable-host-loopback does for
+For each authenticated client it connects to the requested destination (or, for a DNS stream,
+to this host's resolver) and splices the two sockets. It refuses the login node's loopback, as slirp4netns' --disable-host-loopback does for
 the tunnel: workers must not reach services bound to 127.0.0.1 on the login node. Anyone who
 can reach the port can try a handshake, so handshakes are few at a time and short, and what
 they cost in the log is bounded.
@@ -26,6 +26,7 @@ from .pump import Flow, reset, tune
 log = logging.getLogger("vpn_provider.relay")
 PROCESS_NAME = "vpnp-gw-relay"
 MAX_PENDING_HANDSHAKES = 64
+DNS_CONNECT_TIMEOUT = 3.0  # per resolver; the asker's own resolver library retries after ~5 s
 _ERRNO_STATUS = {errno.ECONNREFUSED: Status.REFUSED, errno.ENETUNREACH: Status.UNREACHABLE,
                  errno.EHOSTUNREACH: Status.UNREACHABLE, errno.ETIMEDOUT: Status.TIMED_OUT}
 
@@ -68,14 +69,38 @@ def open_destination(dest: tuple[str, int]) -> tuple[Status, socket.socket | Non
     return Status.OK, out
 
 
-def handle(client: socket.socket, key: bytes, pending: threading.Semaphore) -> None:
+def open_resolver(resolvers: tuple[str, ...]) -> tuple[Status, socket.socket | None]:
+    """DNS over TCP to the first of the gateway's own resolvers that answers. Loopback ones are
+    fine here: we connect, not the worker, and only ever to port 53."""
+    status: Status = Status.UNREACHABLE
+    for ip in resolvers:
+        try:
+            out = socket.create_connection((ip, 53), timeout=DNS_CONNECT_TIMEOUT)
+        except OSError as e:
+            status = _ERRNO_STATUS.get(getattr(e, "errno", None), Status.UNREACHABLE)
+            continue
+        out.settimeout(None)
+        return Status.OK, out
+    return status, None
+
+
+def answer(verb: Verb, dest: tuple[str, int], resolvers: tuple[str, ...]) -> tuple[Status, socket.socket | None]:
+    if verb is Verb.PING:
+        return Status.OK, None
+    if verb is Verb.DNS:
+        return open_resolver(resolvers)
+    return open_destination(dest)
+
+
+def handle(client: socket.socket, key: bytes, pending: threading.Semaphore,
+           resolvers: tuple[str, ...] = ()) -> None:
     out = None
     try:
         try:
             verb, dest = server_handshake(client, key)
         finally:
             pending.release()
-        status, out = (Status.OK, None) if verb is Verb.PING else open_destination(dest)
+        status, out = answer(verb, dest, resolvers)
         client.settimeout(10.0)
         client.sendall(bytes([status]))
         client.settimeout(None)
@@ -93,7 +118,7 @@ def handle(client: socket.socket, key: bytes, pending: threading.Semaphore) -> N
     Flow(client, out).run()
 
 
-def serve(listener: socket.socket, key: bytes) -> None:
+def serve(listener: socket.socket, key: bytes, resolvers: tuple[str, ...] = ()) -> None:
     pending = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
     while True:
         try:
@@ -106,7 +131,7 @@ def serve(listener: socket.socket, key: bytes) -> None:
             reset(client)  # a flood of unfinished handshakes: turn the newcomer away
             continue
         try:
-            threading.Thread(target=handle, args=(client, key, pending), daemon=True).start()
+            threading.Thread(target=handle, args=(client, key, pending, resolvers), daemon=True).start()
         except RuntimeError:  # no thread to be had
             pending.release()
             reset(client)
@@ -115,6 +140,7 @@ def serve(listener: socket.socket, key: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vpn_provider.relay.server")
     ap.add_argument("--listen-fd", type=int, required=True)
+    ap.add_argument("--resolver", action="append", default=[], help="IPv4 resolver for DNS streams")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     linux.set_process_name(PROCESS_NAME)
@@ -122,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdin.close()
     listener = socket.socket(fileno=args.listen_fd)
     try:
-        serve(listener, key)
+        serve(listener, key, tuple(args.resolver))
     except KeyboardInterrupt:
         pass
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 def vpn_command(ticket: str | os.PathLike[str], argv: list[str], *, timeout: float = 15.0,
                 tcp: str = "relay") -> list[str]:
     """The argv that runs ``argv`` inside the VPN: for subprocess, launchers and wrappers.
-    ``tcp="tunnel"`` keeps TCP in the encrypted tunnel instead of the faster relay."""
+    ``tcp``: "relay", "tunnel" or "relay-only", as ``vpn-provider exec --tcp``."""
     return [sys.executable, "-m", "vpn_provider", "exec", "--ticket", str(Path(ticket).expanduser()),
             "--timeout", f"{timeout:g}", "--tcp", tcp, "--", *argv]
 

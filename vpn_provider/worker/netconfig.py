@@ -30,9 +30,21 @@ def configure_links(p: TunnelParams) -> None:
             ipr.route("add", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
 
 
-def resolv_conf_text(p: TunnelParams) -> str:
-    lines = [f"nameserver {d}" for d in p.dns]
-    if p.search_domain:
+def route_everything_to_loopback() -> None:
+    """Relay-only mode: no tun device. A route is still needed for connect() to reach the
+    nftables redirect; through lo, whatever the redirect does not take (UDP, ICMP) goes nowhere.
+    Without a source address the kernel picks 0.0.0.0, and the redirected connection then
+    handshakes but never delivers a byte to the application."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        ipr.route("add", dst="0.0.0.0/0", oif=lo, prefsrc="127.0.0.1", family=socket.AF_INET)
+
+
+def resolv_conf_text(p: TunnelParams | None) -> str:
+    """For the tunnel's pushed resolvers; ``None``: the relay helper's resolver on 127.0.0.1."""
+    lines = [f"nameserver {d}" for d in p.dns] if p else ["nameserver 127.0.0.1"]
+    if p and p.search_domain:
         lines.append(f"search {p.search_domain}")
     # One fast retry instead of glibc's 5 s default, so a lost datagram cannot stall a job.
     lines.append("options timeout:2 attempts:3")

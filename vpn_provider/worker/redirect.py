@@ -4,12 +4,13 @@
         meta l4proto tcp tcp dport 53 accept
         meta l4proto tcp ip daddr != 127.0.0.0/8 ip daddr != <each excluded net> redirect to :PORT } }
 
-DNS over TCP stays in the tunnel, beside DNS over UDP: the pushed resolver may be one that
-only the gateway's namespace can reach (slirp4netns' 10.0.2.3).
+With a tunnel, DNS over TCP stays in it, beside DNS over UDP: the pushed resolver may be one
+that only the gateway's namespace can reach (slirp4netns' 10.0.2.3). In relay-only mode there
+is no first rule: the resolver is the helper's, on 127.0.0.1, and other port 53 is plain TCP.
 
 Runs inside the worker's namespace, where our user namespace gives us CAP_NET_ADMIN; no nft or
 iptables binary is needed. The relay helper finds each connection's real destination with
-SO_ORIGINAL_DST (``vpn_provider.relay.node``).
+SO_ORIGINAL_DST (``native/node_relay.c``).
 """
 from __future__ import annotations
 
@@ -80,12 +81,14 @@ def _nftables():
         nft.close()
 
 
-def install_redirect(port: int, exclude: list[ipaddress.IPv4Network]) -> None:
-    """Redirect outgoing TCP (except to loopback and ``exclude``) to 127.0.0.1:``port``."""
+def install_redirect(port: int, exclude: list[ipaddress.IPv4Network], *, dns_stays: bool = True) -> None:
+    """Redirect outgoing TCP (except to loopback and ``exclude``) to 127.0.0.1:``port``.
+    ``dns_stays``: leave TCP to port 53 alone (there is a tunnel for it to follow)."""
     with _nftables() as nft:
         nft.table("add", name=TABLE)
         nft.chain("add", table=TABLE, name=CHAIN, type="nat", hook="output", priority=_NAT_DST_PRIORITY)
-        nft.rule("add", table=TABLE, chain=CHAIN, expressions=[dns_stays_rule()])
+        if dns_stays:
+            nft.rule("add", table=TABLE, chain=CHAIN, expressions=[dns_stays_rule()])
         nft.rule("add", table=TABLE, chain=CHAIN, expressions=[redirect_rule(port, exclude)])
 
 

@@ -8,6 +8,10 @@ Sequence (every step unprivileged):
   5. configure addresses, routes, MTU and DNS with pyroute2 and a bind-mounted resolv.conf;
   6. exec CMD in place of this process, so its exit status and signals pass straight through.
 openconnect stays CMD's child with a parent-death signal: when CMD ends, the tunnel ends.
+The relay's helper (``relay_helper``) is forked before step 2 and lives the same way.
+
+In relay-only mode steps 1, 3 and 4 are skipped: no tun device, no openconnect; the namespace's
+TCP and DNS go to the relay helper alone.
 """
 from __future__ import annotations
 
@@ -100,14 +104,18 @@ class Tunnel:
                 f"--servercert={self.ticket.pin}", f"--script={_SCRIPT}",
                 f"https://{endpoint}/"]
 
-    def establish(self, *, started: float | None = None) -> vpnc_env.TunnelParams:
+    def establish(self, *, started: float | None = None) -> vpnc_env.TunnelParams | None:
         """Return once CMD may run: this process is then inside the configured namespace.
+        Returns the tunnel's parameters (None in relay-only mode: there is no tunnel).
 
         The time-out counts from ``started`` (a ``time.monotonic()`` value; default: now).
         """
         deadline = (time.monotonic() if started is None else started) + self.timeout
-        shim = preload_library()
         self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
+        if self.tcp == "relay-only":
+            self._establish_relay_only(deadline)
+            return None
+        shim = preload_library()
         argv = self.openconnect_argv(self.endpoint)
         relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
         # Forked first, before any pipe below exists, so it holds none of them open.
@@ -166,6 +174,33 @@ class Tunnel:
         log.debug("tunnel up via %s: %s", self.endpoint, params)
         return params
 
+    def _establish_relay_only(self, deadline: float) -> None:
+        """No openconnect: the namespace's TCP and DNS go to the relay helper, nothing else
+        leaves. The relay must answer, since there is nothing to fall back to."""
+        relay_endpoint = self.ticket.relay(self.endpoint)
+        if relay_endpoint is None:
+            raise TunnelError("the gateway runs no TCP relay (started with --no-relay)",
+                              "use --tcp relay or --tcp tunnel")
+        relay = RelayHelper(relay_endpoint, relay_key(self.ticket.secret))
+        try:
+            linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
+                                       flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
+            linux.make_mounts_private()
+            netconfig.route_everything_to_loopback()
+            netconfig.install_resolv_conf(netconfig.resolv_conf_text(None))
+            problem = relay.verdict(deadline - time.monotonic())
+            if not problem:
+                problem = _hand_namespace_to(relay, exclude=[], relay_only=True)
+        except Exception as e:  # OSError, pyroute2's NetlinkError, ...: one line, never a traceback
+            relay.abandon()
+            raise TunnelError(f"setting up the worker namespace: {e}") from None
+        except BaseException:
+            relay.abandon()
+            raise
+        if problem:
+            relay.abandon()
+            raise TunnelError(problem, _relay_hint(problem))
+
     def _await_report(self, report_r: int, log_fd: int, deadline: float) -> vpnc_env.TunnelParams:
         buf = b""
         while _END not in buf:
@@ -204,30 +239,50 @@ def _activate_relay(relay: RelayHelper, params: vpnc_env.TunnelParams, deadline:
     (and say so: the job works, only slower)."""
     problem = relay.verdict(min(RELAY_VERDICT_WAIT, deadline - time.monotonic()))
     if not problem:
-        problem = _redirect_tcp_to(relay, params)
+        # The pool stays in the tunnel: only the gateway's namespace reaches other workers.
+        problem = _hand_namespace_to(relay, exclude=[params.address.network], relay_only=False)
     if problem:
         relay.abandon()
         log.warning("TCP goes through the tunnel: %s", problem)
 
 
-def _redirect_tcp_to(relay: RelayHelper, params: vpnc_env.TunnelParams) -> str:
-    """Hand the helper a listening socket and redirect TCP to it; '' or what went wrong."""
-    # The pool stays in the tunnel: only the gateway's namespace reaches other workers.
-    exclude = [params.address.network]
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _bound(kind: int, address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
     try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
-        install_redirect(listener.getsockname()[1], exclude=exclude)
-    except Exception as e:  # noqa: BLE001 - NetlinkError and friends: fall back, never fail
-        listener.close()
+        sock.bind(address)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _hand_namespace_to(relay: RelayHelper, *, exclude: list, relay_only: bool) -> str:
+    """Redirect the namespace's TCP to a listener and hand it to the helper (in relay-only mode
+    also a resolver on 127.0.0.1:53, UDP and TCP); '' or what went wrong."""
+    sockets: list[socket.socket] = []
+    try:
+        sockets.append(_bound(socket.SOCK_STREAM, ("127.0.0.1", 0)))
+        if relay_only:
+            sockets += [_bound(socket.SOCK_DGRAM, ("127.0.0.1", 53)), _bound(socket.SOCK_STREAM, ("127.0.0.1", 53))]
+        install_redirect(sockets[0].getsockname()[1], exclude=exclude, dns_stays=not relay_only)
+    except Exception as e:  # noqa: BLE001 - NetlinkError and friends: the caller decides
+        for sock in sockets:
+            sock.close()
         return f"cannot redirect TCP in the namespace: {e}"
     try:
-        relay.hand_over(listener)
+        relay.hand_over(sockets)
     except OSError as e:
         remove_redirect()
         return f"the relay helper is gone ({e.strerror or e})"
     return ""
+
+
+def _relay_hint(problem: str) -> str:
+    if "secret" in problem:
+        return "the ticket belongs to a different gateway; copy the current ticket.json"
+    return "is the gateway running, and its relay port reachable from this node? (try: vpn-provider check)"
 
 
 def _still_running(pid: int) -> bool:

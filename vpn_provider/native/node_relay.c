@@ -1,0 +1,584 @@
+/*
+ * vpnp-node-relay: the worker's end of the TCP relay (see vpn_provider/relay/protocol.py).
+ *
+ * `vpn-provider exec` starts one per worker, in the node's own network namespace, and it lives
+ * as long as the job. It is C so that it costs the job about 1 MB of memory, not the 11 MB of
+ * an interpreter. Its life, driven over the control socket on fd 3 (SOCK_SEQPACKET):
+ *
+ *   exec -> us   "HOST PORT KEYHEX"          where the gateway's relay is; the key never in argv
+ *   us -> exec   "OK" | "NO <reason>"        after proving the secret to the relay (a PING)
+ *   exec -> us   "L" + up to 3 fds           sockets exec made inside the worker's namespace:
+ *                  [0] listener for redirected TCP (its SO_ORIGINAL_DST is the destination)
+ *                  [1] UDP socket, [2] TCP listener: the namespace's resolver (relay-only mode)
+ *
+ * Then, per connection, a thread connects to the relay, runs the handshake, and splices bytes
+ * both ways. A DNS query over UDP becomes one DNS-over-TCP exchange with the gateway's resolver.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/netfilter_ipv4.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sha256.h"
+
+#define CTL_FD 3
+#define MAGIC "VPNP-RELAY/1\n"
+#define NONCE 16
+#define REQUEST 7                  /* verb (1) | IPv4 (4) | port (2) */
+#define CHUNK (256 * 1024)         /* per pipe; see vpn_provider/relay/pump.py on the quota */
+#define CONNECT_TIMEOUT_MS 10000
+#define ANSWER_TIMEOUT_S 20        /* the gateway may take 15 s to reach a destination */
+#define DNS_TIMEOUT_S 5
+#define THREAD_STACK (64 * 1024)   /* flow threads only splice; small stacks keep RSS flat */
+
+enum { STATUS_OK = 0 };
+
+static struct sockaddr_in relay_addr;
+static uint8_t key[SHA256_SIZE];
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+    /* stderr is the job's: a flow we could not open is reported where the user looks. */
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("vpn-provider relay: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static void reset_close(int fd)
+{
+    struct linger l = {1, 0};  /* close with RST: the peer must see a failure, not an end */
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    close(fd);
+}
+
+static void tune(int fd)
+{
+    int on = 1, idle = 60, intvl = 10, cnt = 6;  /* a vanished peer is found within ~2 min */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);  /* XRootD's small requests */
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+}
+
+static void set_timeouts(int fd, int seconds)
+{
+    struct timeval tv = {seconds, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static int send_all(int fd, const void *buf, size_t n)
+{
+    const char *p = buf;
+    while (n) {
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, void *buf, size_t n)
+{
+    char *p = buf;
+    while (n) {
+        ssize_t k = recv(fd, p, n, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            if (k == 0)
+                errno = ECONNRESET;
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeout_ms)
+{
+    int flags = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    if (connect(fd, (const struct sockaddr *)to, sizeof *to) < 0) {
+        if (errno != EINPROGRESS)
+            return -1;
+        struct pollfd p = {fd, POLLOUT, 0};
+        int r;
+        while ((r = poll(&p, 1, timeout_ms)) < 0 && errno == EINTR)
+            ;
+        if (r == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) {
+            errno = err;
+            return -1;
+        }
+    }
+    fcntl(fd, F_SETFL, flags);
+    return 0;
+}
+
+/* Connect to the relay and ask for `verb` to `dest` (network byte order). Returns the socket,
+ * with *status set, or -1 with *why set. */
+static int open_flow(char verb, struct in_addr dest_ip, uint16_t dest_port, int *status, const char **why)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        *why = strerror(errno);
+        return -1;
+    }
+    if (connect_with_timeout(fd, &relay_addr, CONNECT_TIMEOUT_MS) < 0) {
+        *why = strerror(errno);
+        close(fd);
+        return -1;
+    }
+    set_timeouts(fd, ANSWER_TIMEOUT_S);
+    uint8_t hello[sizeof MAGIC - 1 + NONCE], answer[NONCE + SHA256_SIZE], mac[SHA256_SIZE];
+    uint8_t signed_part[1 + 2 * NONCE + REQUEST], proof[SHA256_SIZE + REQUEST], st;
+    uint8_t *cn = hello + sizeof MAGIC - 1, *sn = answer;
+    memcpy(hello, MAGIC, sizeof MAGIC - 1);
+    if (getrandom(cn, NONCE, 0) != NONCE) {
+        *why = "no random numbers";
+        goto fail;
+    }
+    if (send_all(fd, hello, sizeof hello) < 0 || recv_all(fd, answer, sizeof answer) < 0) {
+        *why = strerror(errno);
+        goto fail;
+    }
+    /* The server proves the secret first: HMAC(key, "S" | cn | sn). */
+    signed_part[0] = 'S';
+    memcpy(signed_part + 1, cn, NONCE);
+    memcpy(signed_part + 1 + NONCE, sn, NONCE);
+    hmac_sha256(key, sizeof key, signed_part, 1 + 2 * NONCE, mac);
+    if (!digest_equal(mac, answer + NONCE, SHA256_SIZE)) {
+        *why = "the relay does not know this ticket's secret (a different gateway?)";
+        goto fail;
+    }
+    uint8_t *request = signed_part + 1 + 2 * NONCE;
+    request[0] = (uint8_t)verb;
+    memcpy(request + 1, &dest_ip, 4);
+    memcpy(request + 5, &dest_port, 2);
+    signed_part[0] = 'C';
+    hmac_sha256(key, sizeof key, signed_part, sizeof signed_part, proof);
+    memcpy(proof + SHA256_SIZE, request, REQUEST);
+    if (send_all(fd, proof, sizeof proof) < 0 || recv_all(fd, &st, 1) < 0) {
+        *why = strerror(errno);
+        goto fail;
+    }
+    set_timeouts(fd, 0);
+    *status = st;
+    return fd;
+fail:
+    close(fd);
+    return -1;
+}
+
+/* ---- the splice pump ---------------------------------------------------------------- */
+
+struct direction {
+    int src, dst, pipe_r, pipe_w;
+    size_t pending;  /* bytes in the pipe, not yet in dst */
+    int eof, shut;
+};
+
+static int pipe_for(struct direction *d)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -1;
+    fcntl(p[1], F_SETPIPE_SZ, CHUNK);  /* may fail once the user's pipe quota is spent: fine */
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    return 0;
+}
+
+/* Move what can move without blocking; 1 if anything moved, 0 if not, -1 on a failure. */
+static int step(struct direction *d)
+{
+    int moved = 0;
+    if (!d->eof && !d->pending) {
+        ssize_t n = splice(d->src, NULL, d->pipe_w, NULL, CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            d->pending = (size_t)n;
+            moved = 1;
+        } else if (n == 0) {
+            d->eof = moved = 1;
+        } else if (errno != EAGAIN && errno != EINTR) {
+            return -1;
+        }
+    }
+    while (d->pending) {
+        ssize_t n = splice(d->pipe_r, NULL, d->dst, NULL, d->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            d->pending -= (size_t)n;
+            moved = 1;
+        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            break;
+        } else {
+            return -1;
+        }
+    }
+    if (d->eof && !d->pending && !d->shut) {
+        /* End of stream one way becomes a half-close the other way. */
+        if (shutdown(d->dst, SHUT_WR) < 0 && errno != ENOTCONN)
+            return -1;
+        d->shut = moved = 1;
+    }
+    return moved;
+}
+
+/* Pump until both directions have ended; consumes both sockets. */
+static void pump(int a, int b)
+{
+    struct direction dirs[2] = {{a, b, -1, -1, 0, 0, 0}, {b, a, -1, -1, 0, 0, 0}};
+    int failed = 0;
+    if (pipe_for(&dirs[0]) < 0 || pipe_for(&dirs[1]) < 0) {
+        failed = 1;
+        goto done;
+    }
+    fcntl(a, F_SETFL, fcntl(a, F_GETFL) | O_NONBLOCK);
+    fcntl(b, F_SETFL, fcntl(b, F_GETFL) | O_NONBLOCK);
+    while (!(dirs[0].shut && dirs[1].shut)) {
+        int moved = 0;
+        for (int i = 0; i < 2; i++) {
+            int r = step(&dirs[i]);
+            if (r < 0) {
+                failed = 1;
+                goto done;
+            }
+            moved |= r;
+        }
+        if (moved)
+            continue;
+        struct pollfd p[2] = {{a, 0, 0}, {b, 0, 0}};
+        for (int i = 0; i < 2; i++) {
+            struct direction *d = &dirs[i];
+            if (!d->eof && !d->pending)
+                p[i].events |= POLLIN;  /* dirs[i].src is p[i].fd */
+            if (d->pending)
+                p[1 - i].events |= POLLOUT;
+        }
+        /* A socket we want nothing from stays out: its POLLHUP would wake us in a loop. Its
+         * errors, if any, surface at the next splice that touches it. */
+        for (int i = 0; i < 2; i++)
+            if (!p[i].events)
+                p[i].fd = -1;
+        if (poll(p, 2, -1) < 0 && errno != EINTR) {
+            failed = 1;
+            goto done;
+        }
+    }
+done:
+    for (int i = 0; i < 2; i++) {
+        if (dirs[i].pipe_r >= 0)
+            close(dirs[i].pipe_r);
+        if (dirs[i].pipe_w >= 0)
+            close(dirs[i].pipe_w);
+    }
+    if (failed) {
+        reset_close(a);
+        reset_close(b);
+    } else {
+        close(a);
+        close(b);
+    }
+}
+
+/* ---- one redirected TCP connection, or one DNS-over-TCP connection ----------------- */
+
+struct job {
+    int fd;       /* the application's connection, or the UDP socket for a DNS query */
+    char verb;    /* 'C' (connect to SO_ORIGINAL_DST), 'D' (the gateway's resolver), 'U' */
+    struct sockaddr_in peer;  /* 'U': who asked */
+    uint16_t length;
+    uint8_t query[];
+};
+
+static void relay_tcp(struct job *j)
+{
+    struct sockaddr_in dest = {0};
+    socklen_t len = sizeof dest;
+    if (j->verb == 'C' && getsockopt(j->fd, SOL_IP, SO_ORIGINAL_DST, &dest, &len) < 0) {
+        reset_close(j->fd);
+        return;
+    }
+    int status = -1;
+    const char *why = "";
+    int out = open_flow(j->verb, dest.sin_addr, dest.sin_port, &status, &why);
+    if (out < 0) {
+        char ip[INET_ADDRSTRLEN];
+        say("%s:%u via the relay: %s", inet_ntop(AF_INET, &dest.sin_addr, ip, sizeof ip),
+            ntohs(dest.sin_port), why);
+        reset_close(j->fd);  /* the application sees a reset, the nearest thing to "refused" */
+        return;
+    }
+    if (status != STATUS_OK) {
+        close(out);
+        reset_close(j->fd);
+        return;
+    }
+    tune(j->fd);
+    tune(out);
+    pump(j->fd, out);
+}
+
+/* The largest UDP answer the asker takes: 512, or what its EDNS OPT record says (RFC 6891). */
+static size_t udp_limit(const uint8_t *q, size_t n, size_t *question_end)
+{
+    size_t at = 12, limit = 512;
+    *question_end = 0;
+    if (n < 12)
+        return limit;
+    unsigned qd = q[4] << 8 | q[5], an = q[6] << 8 | q[7], ns = q[8] << 8 | q[9], ar = q[10] << 8 | q[11];
+    for (unsigned i = 0; i < qd; i++) {
+        while (at < n && q[at] && (q[at] & 0xC0) != 0xC0)
+            at += q[at] + 1u;
+        at += (at < n && q[at]) ? 2 : 1;  /* a pointer is 2 bytes, the root label 1 */
+        at += 4;                          /* type, class */
+        if (at > n)
+            return limit;
+    }
+    *question_end = at;
+    /* An OPT record is a root name (0), type 41, then the payload size in the class field. */
+    if (!an && !ns && ar && at + 5 <= n && q[at] == 0 && q[at + 1] == 0 && q[at + 2] == 41) {
+        size_t size = (size_t)(q[at + 3] << 8 | q[at + 4]);
+        if (size > limit)
+            limit = size;
+    }
+    return limit;
+}
+
+static void relay_udp_dns(struct job *j)
+{
+    int status = -1;
+    const char *why = "";
+    struct in_addr none = {0};
+    int out = open_flow('D', none, 0, &status, &why);
+    if (out < 0 || status != STATUS_OK) {
+        if (out >= 0)
+            close(out);
+        return;  /* the resolver retries; glibc then reports the name as unresolvable */
+    }
+    set_timeouts(out, DNS_TIMEOUT_S);
+    uint8_t head[2] = {j->length >> 8, j->length & 0xFF}, *answer = NULL;
+    uint16_t n;
+    if (send_all(out, head, 2) < 0 || send_all(out, j->query, j->length) < 0 || recv_all(out, head, 2) < 0)
+        goto done;
+    n = (uint16_t)(head[0] << 8 | head[1]);
+    if (n < 12 || !(answer = malloc(n)) || recv_all(out, answer, n) < 0)
+        goto done;
+    size_t question_end, limit = udp_limit(j->query, j->length, &question_end);
+    size_t send_len = n;
+    if (n > limit && question_end >= 12 && question_end <= n) {
+        /* Too big for the asker's buffer: header and question only, with TC set, so it asks
+         * again over TCP (our port 53 listener, a DNS stream through the relay). */
+        answer[2] |= 0x02;
+        memset(answer + 6, 0, 6);
+        memcpy(answer + 12, j->query + 12, question_end - 12);
+        send_len = question_end;
+    }
+    sendto(j->fd, answer, send_len, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
+done:
+    free(answer);
+    close(out);
+}
+
+static void *run_job(void *arg)
+{
+    struct job *j = arg;
+    if (j->verb == 'U')
+        relay_udp_dns(j);
+    else
+        relay_tcp(j);
+    free(j);
+    return NULL;
+}
+
+static void start_job(struct job *j)
+{
+    pthread_attr_t attr;
+    pthread_t t;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, THREAD_STACK);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, run_job, j) != 0) {
+        if (j->verb != 'U')
+            reset_close(j->fd);  /* no thread to be had: refuse this one, keep serving */
+        free(j);
+    }
+    pthread_attr_destroy(&attr);
+}
+
+static void accept_one(int listener, char verb)
+{
+    int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+            usleep(50 * 1000);  /* breathe, go on */
+        return;
+    }
+    struct job *j = calloc(1, sizeof *j);
+    if (!j) {
+        reset_close(fd);
+        return;
+    }
+    j->fd = fd;
+    j->verb = verb;
+    start_job(j);
+}
+
+static void read_query(int udp)
+{
+    uint8_t buf[4096];
+    struct sockaddr_in peer;
+    socklen_t len = sizeof peer;
+    ssize_t n = recvfrom(udp, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&peer, &len);
+    if (n < 12)
+        return;
+    struct job *j = calloc(1, sizeof *j + (size_t)n);
+    if (!j)
+        return;
+    j->fd = udp;
+    j->verb = 'U';
+    j->peer = peer;
+    j->length = (uint16_t)n;
+    memcpy(j->query, buf, (size_t)n);
+    start_job(j);
+}
+
+static void serve(int tcp, int udp, int dns_tcp)
+{
+    struct pollfd p[3] = {{tcp, POLLIN, 0}, {udp, POLLIN, 0}, {dns_tcp, POLLIN, 0}};
+    for (;;) {
+        if (poll(p, 3, -1) < 0) {  /* negative fds are skipped by poll */
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        if (p[0].revents)
+            accept_one(tcp, 'C');
+        if (p[1].revents)
+            read_query(udp);
+        if (p[2].revents)
+            accept_one(dns_tcp, 'D');
+    }
+}
+
+/* ---- set-up over the control socket -------------------------------------------------- */
+
+static int parse_setup(char *msg)
+{
+    char host[64], hex[2 * SHA256_SIZE + 1];
+    unsigned port;
+    if (sscanf(msg, "%63s %u %64s", host, &port, hex) != 3 || port == 0 || port > 65535
+        || strlen(hex) != 2 * SHA256_SIZE || inet_pton(AF_INET, host, &relay_addr.sin_addr) != 1)
+        return -1;
+    relay_addr.sin_family = AF_INET;
+    relay_addr.sin_port = htons((uint16_t)port);
+    for (int i = 0; i < SHA256_SIZE; i++) {
+        unsigned byte;
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1)
+            return -1;
+        key[i] = (uint8_t)byte;
+    }
+    explicit_bzero(hex, sizeof hex);
+    return 0;
+}
+
+static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void report(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    send(CTL_FD, line, n < (int)sizeof line ? (size_t)n : sizeof line - 1, MSG_NOSIGNAL);
+}
+
+int main(void)
+{
+    prctl(PR_SET_NAME, "vpnp-node-relay");
+    /* Terminal signals are CMD's business (exec put us in our own process group); SIGTTOU
+     * would stop us at the first line written to a terminal CMD owns. */
+    signal(SIGINT, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGTTOU, SIG_IGN);
+    signal(SIGTTIN, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+
+    char msg[256];
+    ssize_t n = recv(CTL_FD, msg, sizeof msg - 1, 0);
+    if (n <= 0)
+        return 0;  /* exec gave up on us (and says why) */
+    msg[n] = 0;
+    int rc = parse_setup(msg);
+    explicit_bzero(msg, sizeof msg);
+    if (rc < 0) {
+        report("NO bad set-up message from exec");
+        return 0;
+    }
+    int status = -1;
+    const char *why = "";
+    int probe = open_flow('P', (struct in_addr){0}, 0, &status, &why);
+    char where[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &relay_addr.sin_addr, where, sizeof where);
+    if (probe < 0) {
+        report("NO relay %s:%u: %s", where, ntohs(relay_addr.sin_port), why);
+        return 0;
+    }
+    close(probe);
+    if (status != STATUS_OK) {
+        report("NO relay %s:%u: status %d", where, ntohs(relay_addr.sin_port), status);
+        return 0;
+    }
+    report("OK");
+
+    char tag;
+    int fds[3] = {-1, -1, -1};
+    union { char buf[CMSG_SPACE(sizeof fds)]; struct cmsghdr align; } control;
+    struct iovec iov = {&tag, 1};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                       .msg_controllen = sizeof control.buf};
+    if (recvmsg(CTL_FD, &m, MSG_CMSG_CLOEXEC) <= 0)
+        return 0;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    if (!c || c->cmsg_type != SCM_RIGHTS)
+        return 0;
+    memcpy(fds, CMSG_DATA(c), c->cmsg_len - CMSG_LEN(0));
+    close(CTL_FD);
+    serve(fds[0], fds[1], fds[2]);
+    return 1;
+}
