@@ -24,8 +24,9 @@ from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Sit
 
 BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
-# ours: the defaults (TCP through the relay, the rest through the tunnel); ours-tunnel: --tcp tunnel.
-PATHS = ("native", "ours", "ours-tunnel", "prototype")
+# ours: the defaults (TCP through the relay, the rest through the tunnel); ours-tunnel: --tcp tunnel;
+# ours-relay-only: --tcp relay-only (no tunnel).
+PATHS = ("native", "ours", "ours-tunnel", "ours-relay-only", "prototype")
 PROTOTYPE_PORT = "8450"
 IPERF_BASE_PORT = 5201
 DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns", "vpnp-node-relay", "vpnp-gw-relay"}
@@ -42,8 +43,9 @@ class Bench:
         self._proto_gw: subprocess.Popen | None = None
         ticket = self.home / "gw" / "ticket.json"
         #: paths that run `vpn-provider exec`: name -> (ticket, extra exec options)
-        self.exec_paths: dict[str, tuple[Path, list[str]]] = {"ours": (ticket, []),
-                                                              "ours-tunnel": (ticket, ["--tcp", "tunnel"])}
+        self.exec_paths: dict[str, tuple[Path, list[str]]] = {
+            "ours": (ticket, []), "ours-tunnel": (ticket, ["--tcp", "tunnel"]),
+            "ours-relay-only": (ticket, ["--tcp", "relay-only"])}
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -210,7 +212,7 @@ class Bench:
     def memory(self) -> dict:
         out = {}
         for path, comms in (("ours", {"openconnect", "vpnp-node-relay"}), ("ours-tunnel", {"openconnect"}),
-                            ("prototype", {"openconnect", "vpnns"})):
+                            ("ours-relay-only", {"vpnp-node-relay"}), ("prototype", {"openconnect", "vpnns"})):
             group = self.start(path, ["sleep", "4"], "mem")
             time.sleep(2.5)
             # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
@@ -292,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                             entry["aggregate_mbit_s"][str(n)] = median([r["mbit_s"] for r in runs])
                             if n == 1:
                                 entry["cpu_s_per_gb"] = median([r["cpu_s_per_gb"] for r in runs if r["cpu_s_per_gb"]])
-                            print(f"{cap_name:>8} {path:>9} x{n:<2} {entry['aggregate_mbit_s'][str(n)]:8.0f} Mbit/s", flush=True)
+                            print(f"{cap_name:>8} {path:>15} x{n:<2} {entry['aggregate_mbit_s'][str(n)]:8.0f} Mbit/s", flush=True)
                         entry["xrootd_mbit_s"] = median([bench.xrootd(path) for _ in range(args.repeats)])
                         per_cap[path] = entry
                     results["runs"][cap_name] = per_cap
                 bench.cap(None)
-                latency = {p: sorted(bench.start_latency(p) for _ in range(args.latency_runs)) for p in ("native", "ours")}
+                latency = {p: sorted(bench.start_latency(p) for _ in range(args.latency_runs))
+                           for p in ("native", "ours", "ours-relay-only")}
                 results["exec_to_cmd_s"] = {p: {"median": median(v), "p90": v[int(0.9 * (len(v) - 1))]}
                                             for p, v in latency.items()}
                 results["memory"] = bench.memory()

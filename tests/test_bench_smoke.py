@@ -19,8 +19,9 @@ def test_benchmark_smoke_run_writes_table_json_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio to native" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    for path in ("native", "ours", "prototype"):
+    for path in ("native", "ours", "ours-relay-only", "prototype"):
         assert results["runs"]["1gbit"][path]["aggregate_mbit_s"]["1"] > 0
     assert results["exec_to_cmd_s"]["ours"]["median"] > 0
     assert results["memory"]["ours_worker_tunnel_mb"] > 0
+    assert 0 < results["memory"]["ours-relay-only_worker_tunnel_mb"] < results["memory"]["ours_worker_tunnel_mb"]
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
