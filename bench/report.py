@@ -35,7 +35,7 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
 
 
 def _fmt(x, unit=""):
-    return "-" if x is None else f"{x:,.0f}{unit}" if x >= 10 else f"{x:.2f}{unit}"
+    return "-" if x is None else f"{x:,.0f}{unit}" if x >= 100 else f"{x:.1f}{unit}" if x >= 10 else f"{x:.2f}{unit}"
 
 
 def table(results: dict) -> str:
@@ -58,8 +58,16 @@ def table(results: dict) -> str:
         lines.append("\nstart-up, seconds from launch to CMD running (median / p90): "
                      + "; ".join(f"{p} {v['median']:.3f} / {v['p90']:.3f}" for p, v in lat.items()))
     mem = results.get("memory", {})
-    if mem:
-        lines.append("memory (RSS MB): " + "; ".join(f"{k} {v:.1f}" for k, v in mem.items()))
+    paths = [k[:-len("_worker_tunnel_mb")] for k in mem if k.endswith("_worker_tunnel_mb")]
+    if paths:
+        lines.append("\none worker's tunnel processes, MB: RSS alone | with 4 workers on the node: PSS, private")
+        for path in paths:
+            cells = [mem.get(f"{path}_worker_tunnel{suffix}_mb") for suffix in ("", "_pss", "_private")]
+            lines.append(f"  {path:<16}" + "".join(f"{_fmt(v):>10}" for v in cells))
+    if "gateway_16_clients_mb" in mem:
+        parts = mem.get("gateway_16_clients_by_process_mb", {})
+        lines.append(f"gateway with 16 clients, RSS: {mem['gateway_16_clients_mb']:.0f} MB ("
+                     + ", ".join(f"{name} {mb:.1f}" for name, mb in parts.items()) + ")")
     lines.append("\ntargets:")
     for name, value, ok in targets(results):
         lines.append(f"  {'met' if ok else '-' if ok is None else 'NOT met':<8} {name:<60} {value}")

@@ -198,35 +198,53 @@ class Bench:
         return out
 
 
-    def rss_kb(self, comms: set[str]) -> float:
-        total = 0
+    def memory_kb_by_comm(self, comms: set[str], field: str = "Rss") -> dict[str, int]:
+        """A /proc/PID/smaps_rollup field (kB) of the user's processes named in ``comms``,
+        summed per name. "Private" is Private_Clean + Private_Dirty (what the process alone holds)."""
+        by_comm: dict[str, int] = {}
         for pid in self.site.user_pids():
             try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() in comms:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                    total += int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")))
-            except (OSError, StopIteration):
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                if comm not in comms:
+                    continue
+                rollup = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+                kb = lambda name: int(rollup[name].split()[0])
+                value = kb("Private_Clean") + kb("Private_Dirty") if field == "Private" else kb(field)
+                by_comm[comm] = by_comm.get(comm, 0) + value
+            except (OSError, KeyError, ValueError):
                 pass
-        return total
+        return by_comm
+
+    def _hold(self, path: str, n: int, seconds: float, settle: float, measure):
+        """Start ``n`` idle workers over ``path``, call ``measure()`` once they are up, end them."""
+        groups = [self.start(path, ["sleep", str(seconds)], f"m{i}") for i in range(n)]
+        time.sleep(settle)
+        try:
+            return measure()
+        finally:
+            for group in groups:
+                group[0].wait(timeout=30)
+                for p in group[1:]:
+                    p.terminate()
+                    p.wait(timeout=15)
 
     def memory(self) -> dict:
+        """RSS of one worker's tunnel processes (the issue's measure; it counts shared library
+        pages in full), and with four workers on the node their PSS and private memory each."""
         out = {}
         for path, comms in (("ours", {"openconnect", "vpnp-node-relay"}), ("ours-tunnel", {"openconnect"}),
                             ("ours-relay-only", {"vpnp-node-relay"}), ("prototype", {"openconnect", "vpnns"})):
-            group = self.start(path, ["sleep", "4"], "mem")
-            time.sleep(2.5)
             # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
-            out[f"{path}_worker_tunnel_mb"] = self.rss_kb(comms) / 1024
-            group[0].wait(timeout=30)
-            for p in group[1:]:
-                p.terminate()
-                p.wait(timeout=15)
-        groups = [self.start("ours", ["sleep", "6"], f"m{i}") for i in range(16)]
-        time.sleep(4)
+            rss = self._hold(path, 1, 4, 2.5, lambda: self.memory_kb_by_comm(comms))
+            out[f"{path}_worker_tunnel_mb"] = sum(rss.values()) / 1024
+            pss, private = self._hold(path, 4, 5, 3.5, lambda: (self.memory_kb_by_comm(comms, "Pss"),
+                                                                self.memory_kb_by_comm(comms, "Private")))
+            out[f"{path}_worker_tunnel_pss_mb"] = sum(pss.values()) / 4 / 1024
+            out[f"{path}_worker_tunnel_private_mb"] = sum(private.values()) / 4 / 1024
         gw = {"ocserv-main", "ocserv-sm", "ocserv-worker", "slirp4netns", "vpnp-gw-relay"}
-        out["gateway_16_clients_mb"] = self.rss_kb(gw) / 1024
-        for g in groups:
-            g[0].wait(timeout=30)
+        by_comm = self._hold("ours", 16, 6, 4, lambda: self.memory_kb_by_comm(gw))
+        out["gateway_16_clients_mb"] = sum(by_comm.values()) / 1024
+        out["gateway_16_clients_by_process_mb"] = {c: round(kb / 1024, 1) for c, kb in sorted(by_comm.items())}
         return out
 
 

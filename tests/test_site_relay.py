@@ -132,3 +132,20 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
         proc.terminate()
         proc.wait(timeout=10)
     assert site_env.leftovers() == set()
+
+
+def test_relay_only_needs_no_tun_device(site_env):
+    """A node whose /dev/net/tun is 0600 (as these machines ship it) cannot run the tunnel, but
+    relay-only mode never opens it."""
+    import os
+    mode = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o600)
+    try:
+        only = site_env.exec_("curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{http_code}", f"{site_env.http_url}/",
+                              extra=("--tcp", "relay-only"))
+        assert only.returncode == 0 and only.stdout == "200", only.stderr
+        tunnel = site_env.exec_("true")
+        assert tunnel.returncode == 125 and len(tunnel.stderr.splitlines()) == 1, tunnel.stderr
+    finally:
+        os.chmod("/dev/net/tun", mode)
+    assert site_env.leftovers() == set()

@@ -17,6 +17,7 @@ from .gateway.supervisor import probe_pin
 from .relay.client import probe
 from .relay.protocol import relay_key
 from .ticket import Endpoint, Ticket
+from .worker.relay_helper import helper_binary
 from .worker.tunnel import preload_library
 
 OK, FAIL, WARN = "ok", "FAIL", "warn"
@@ -54,7 +55,8 @@ def _namespaces() -> list[Finding]:
     else:
         err = os.strerror(code - 100) if code >= 100 else f"exit {code}"
         out.append(Finding("/dev/net/tun", FAIL, err,
-                           "ask the site to make /dev/net/tun mode 0666 (the default on most distributions)"))
+                           "ask the site to make /dev/net/tun mode 0666 (the default on most distributions); "
+                           "until then `exec --tcp relay-only` (TCP and DNS only) needs no tun device"))
     return out
 
 
@@ -73,6 +75,10 @@ def _binaries() -> list[Finding]:
         out.append(Finding("tun preload library", OK, preload_library()))
     except TunnelError as e:
         out.append(Finding("tun preload library", FAIL, "missing", e.remedy))
+    try:
+        out.append(Finding("relay helper", OK, helper_binary()))
+    except TunnelError as e:
+        out.append(Finding("relay helper", WARN, "missing", e.remedy))
     return out
 
 
