@@ -190,3 +190,13 @@ def test_native_helper_refuses_a_relay_that_does_not_know_the_secret():
     result = _in_namespace(lambda: _probe_helper(relay_key("t" * 32)))
     assert "error" not in result, result["error"]
     assert "does not know this ticket's secret" in result["verdict"]
+
+
+def test_missing_helper_keeps_tcp_in_the_tunnel_with_a_warning(monkeypatch, caplog, tmp_path):
+    """An install without the helper binary degrades to the tunnel; it does not fail the job."""
+    from vpn_provider.ticket import Endpoint
+    from vpn_provider.worker import relay_helper, tunnel
+    monkeypatch.setattr(relay_helper, "BINARY", tmp_path / "no-such-helper")
+    with caplog.at_level("WARNING"):
+        assert tunnel._start_relay_helper(Endpoint("127.0.0.1", 9), "s" * 32) is None
+    assert "TCP goes through the tunnel: the relay helper" in caplog.text

@@ -41,11 +41,14 @@ def urls_and_sums(site_env):
             f"{site_env.xrootd_url}/data/events.root": sha256_of(events)}
 
 
-def test_worker_wrapped_by_exec(site_env):
+@pytest.mark.parametrize("tcp,port", [("relay", 9123), ("relay-only", 9125)])
+def test_worker_wrapped_by_exec(site_env, tcp, port):
+    """The default, and relay-only mode (no tunnel: the manager, XRootD and DNS all reached
+    through the relay)."""
     expected = urls_and_sums(site_env)
-    mgr = start_manager(site_env, 9123, list(expected))
-    worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--",
-                                                      "work_queue_worker", "--timeout", "60", LOGIN, "9123"],
+    mgr = start_manager(site_env, port, list(expected))
+    worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--tcp", tcp, "--",
+                                                      "work_queue_worker", "--timeout", "60", LOGIN, str(port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         results = finish(mgr)

@@ -72,6 +72,10 @@ class GatewayNamespace:
             # Answer ARP for client addresses on the egress link, so the egress backend can
             # deliver replies to VPN clients without NAT (no iptables needed).
             _sysctl(f"net/ipv4/conf/{egress_if}/proxy_arp", "1")
+            # The kernel holds each proxy-ARP answer for a random 0-0.8 s (proxy_delay), so a
+            # worker's first packet, and any after the egress forgets the client's address
+            # (slirp4netns keeps 16), waited 0.4 s on average. Answer at once.
+            _sysctl(f"net/ipv4/neigh/{egress_if}/proxy_delay", "0")
             if self.masquerade:
                 proc.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", egress_if, "-j", "MASQUERADE"])
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -481,6 +481,11 @@ static void read_query(int udp)
 static void serve(int tcp, int udp, int dns_tcp)
 {
     struct pollfd p[3] = {{tcp, POLLIN, 0}, {udp, POLLIN, 0}, {dns_tcp, POLLIN, 0}};
+    /* A connection reset between poll and accept would otherwise block accept, and with it
+     * every other flow's start and every DNS query, until the next connection comes. */
+    for (int i = 0; i < 3; i++)
+        if (p[i].fd >= 0)
+            fcntl(p[i].fd, F_SETFL, fcntl(p[i].fd, F_GETFL) | O_NONBLOCK);
     for (;;) {
         if (poll(p, 3, -1) < 0) {  /* negative fds are skipped by poll */
             if (errno == EINTR)
@@ -577,7 +582,8 @@ int main(void)
     struct cmsghdr *c = CMSG_FIRSTHDR(&m);
     if (!c || c->cmsg_type != SCM_RIGHTS)
         return 0;
-    memcpy(fds, CMSG_DATA(c), c->cmsg_len - CMSG_LEN(0));
+    size_t passed = c->cmsg_len - CMSG_LEN(0);
+    memcpy(fds, CMSG_DATA(c), passed < sizeof fds ? passed : sizeof fds);
     close(CTL_FD);
     serve(fds[0], fds[1], fds[2]);
     return 1;

@@ -119,7 +119,7 @@ class Tunnel:
         argv = self.openconnect_argv(self.endpoint)
         relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
         # Forked first, before any pipe below exists, so it holds none of them open.
-        relay = RelayHelper(relay_endpoint, relay_key(self.ticket.secret)) if relay_endpoint else None
+        relay = _start_relay_helper(relay_endpoint, self.ticket.secret) if relay_endpoint else None
         try:
             log_fd = (os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                       if self.log_file else os.memfd_create("openconnect-log", os.MFD_CLOEXEC))
@@ -232,6 +232,15 @@ class Tunnel:
             except ChildProcessError:
                 pass
             self.child_pid = 0
+
+
+def _start_relay_helper(endpoint: Endpoint, secret: str) -> RelayHelper | None:
+    """The helper, or None (and a warning) if it is not installed: the tunnel carries TCP then."""
+    try:
+        return RelayHelper(endpoint, relay_key(secret))
+    except TunnelError as e:
+        log.warning("TCP goes through the tunnel: %s", e.reason)
+        return None
 
 
 def _activate_relay(relay: RelayHelper, params: vpnc_env.TunnelParams, deadline: float) -> None:
