@@ -13,6 +13,8 @@ import os
 import socket
 import struct
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -22,6 +24,7 @@ from vpn_provider.relay.protocol import relay_key
 KEY = relay_key("s" * 32)
 RESOLVER = "127.0.0.2"
 UPLOAD = 8 << 20
+CONCURRENT = 48
 
 
 def _dns_query(name: str, *, qid: int = 0x1234, edns: int = 0) -> bytes:
@@ -66,10 +69,19 @@ def _scenario(conn: socket.socket) -> None:
         elif first == b"DOWNLOAD":
             body = os.urandom(UPLOAD)
             conn.sendall(hashlib.sha256(body).digest() + body)
+        elif first == b"URGENT_UP":  # echo what arrived, urgent byte included, after the end
+            got = b""
+            while chunk := conn.recv(1 << 16):
+                got += chunk
+            conn.sendall(got)
+        elif first == b"URGENT_DOWN":
+            conn.sendall(b"abc")
+            conn.send(b"X", socket.MSG_OOB)
+            conn.sendall(b"def")
         elif first == b"RESET":
             conn.sendall(b"partial")
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        else:
+        elif b"\x04fail" not in first:  # fail.example: the resolver hangs up, no answer
             answer = _dns_answer(first)
             conn.sendall(struct.pack("!H", len(answer)) + answer)
     except (OSError, EOFError):
@@ -121,6 +133,9 @@ def _probe_helper(client_key: bytes) -> dict:
 
     small = _udp(_dns_query("small.example"))
     out["udp_small"] = {"id": small[:2].hex(), "answers": struct.unpack("!H", small[6:8])[0]}
+    t0 = time.monotonic()
+    failed = _udp(_dns_query("fail.example"))
+    out["udp_fail"] = {"rcode": failed[3] & 0x0F, "seconds": time.monotonic() - t0}
     big = _udp(_dns_query("big.example"))
     out["udp_big_truncated"] = bool(big[2] & 0x02) and struct.unpack("!H", big[6:8])[0] == 0
     big_edns = _udp(_dns_query("big.example", edns=4096))
@@ -138,6 +153,17 @@ def _probe_helper(client_key: bytes) -> dict:
         digest = _recv_exact(s, 32)
         body = _recv_exact(s, UPLOAD)
         out["download_intact"] = hashlib.sha256(body).digest() == digest and s.recv(1) == b""
+    with _stream(b"URGENT_UP") as s:
+        s.sendall(b"abc")
+        s.send(b"X", socket.MSG_OOB)
+        s.sendall(b"def")
+        s.shutdown(socket.SHUT_WR)
+        out["urgent_up"] = _recv_exact(s, 7).decode()
+    with _stream(b"URGENT_DOWN") as s:
+        got = b""
+        while chunk := s.recv(1 << 16):
+            got += chunk
+        out["urgent_down"] = got.decode()
     with _stream(b"RESET") as s:
         got = _recv_exact(s, 7)
         try:
@@ -146,6 +172,14 @@ def _probe_helper(client_key: bytes) -> dict:
             out["reset"] = f"clean end after {got!r}"
         except ConnectionResetError:
             out["reset"] = "reset"
+    def upload(size: int) -> bool:
+        data = os.urandom(size)
+        with _stream(b"UPLOAD") as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return _recv_exact(s, 32) == hashlib.sha256(data).digest()
+    with ThreadPoolExecutor(CONCURRENT) as pool:  # flows at once: one thread each in the helper
+        out["concurrent_uploads_intact"] = sum(pool.map(upload, [256 << 10] * CONCURRENT))
     with open(f"/proc/{helper.pid}/status") as f:
         out["rss_kb"] = int(next(ln.split()[1] for ln in f if ln.startswith("VmRSS")))
     with open(f"/proc/{helper.pid}/comm") as f:
@@ -174,6 +208,23 @@ def test_an_answer_too_big_for_udp_is_truncated_then_served_over_tcp(helper_run)
 def test_native_pump_moves_bytes_both_ways_and_passes_half_close(helper_run):
     assert helper_run["upload_intact"]  # the far end saw our end of stream, then answered
     assert helper_run["download_intact"]
+
+
+def test_a_failed_lookup_is_answered_at_once_with_servfail(helper_run):
+    """Not left to the asker's time-out (2 s per try with our resolv.conf)."""
+    assert helper_run["udp_fail"]["rcode"] == 2  # SERVFAIL
+    assert helper_run["udp_fail"]["seconds"] < 1.5
+
+
+def test_urgent_data_neither_stalls_nor_ends_a_flow(helper_run):
+    """splice stops at TCP's urgent mark: both ends step over it and keep the byte in the stream
+    (the node's C pump on the way up, the gateway's Python pump on the way down)."""
+    assert helper_run["urgent_up"] == "abcXdef"
+    assert helper_run["urgent_down"] == "abcXdef"
+
+
+def test_native_helper_carries_many_flows_at_once(helper_run):
+    assert helper_run["concurrent_uploads_intact"] == CONCURRENT
 
 
 def test_native_pump_passes_a_reset_on_as_a_reset(helper_run):

@@ -113,12 +113,17 @@ def test_closed_port_through_the_relay_fails_fast(site_env):
     assert site_env.leftovers() == set()
 
 
+# AI_ADDRCONFIG ignores loopback addresses: relay-only's namespace must have another IPv4 one.
+IPV4_ONLY_LOOKUP = ("python3 -c \"import socket; socket.getaddrinfo('www.sim.test', 80, socket.AF_INET, 0, 0, "
+                    "socket.AI_ADDRCONFIG)\"")
+
+
 def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
     """No openconnect: the worker's only companion is the native helper, about 1 MB. When CMD
     ends, so does the helper."""
     site = site_env.site
     proc = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--tcp", "relay-only",
-                                           "--", "sh", "-c", f"getent hosts www.sim.test && curl -sS -f -o /dev/null "
+                                           "--", "sh", "-c", f"getent hosts www.sim.test && {IPV4_ONLY_LOOKUP} && curl -sS -f -o /dev/null "
                                            f"{site_env.http_url}/big.bin && exec sleep 300"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -135,8 +140,8 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
 
 
 def test_relay_only_needs_no_tun_device(site_env):
-    """A node whose /dev/net/tun is 0600 (as these machines ship it) cannot run the tunnel, but
-    relay-only mode never opens it."""
+    """A node whose /dev/net/tun is 0600 cannot run the tunnel, but relay-only mode never opens
+    it. (Changes the machine's device mode for a moment: the suite runs one site at a time.)"""
     import os
     mode = os.stat("/dev/net/tun").st_mode & 0o777
     os.chmod("/dev/net/tun", 0o600)

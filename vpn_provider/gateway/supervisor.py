@@ -110,8 +110,12 @@ class Supervisor:
         if cfg.relay:
             # The relay runs in this host's network, so this host's resolvers serve its DNS
             # streams (relay-only workers), loopback ones included.
+            relay_resolvers = cfg.dns or tuple(host_resolvers(loopback=True))
+            if not relay_resolvers:
+                log.warning("no IPv4 resolver in /etc/resolv.conf: relay-only workers cannot "
+                            "resolve names; pass --dns IP")
             self.relay = RelayProcess(cfg.relay_endpoint, creds.secret, cfg.state_dir / "relay.log",
-                                      resolvers=cfg.dns or tuple(host_resolvers(loopback=True)))
+                                      resolvers=relay_resolvers)
             self.relay.start()
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret,

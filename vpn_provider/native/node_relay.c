@@ -30,7 +30,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -48,6 +50,8 @@
 #define ANSWER_TIMEOUT_S 20        /* the gateway may take 15 s to reach a destination */
 #define DNS_TIMEOUT_S 5
 #define THREAD_STACK (64 * 1024)   /* flow threads only splice; small stacks keep RSS flat */
+#define SAY_INTERVAL 10            /* seconds between two lines on the job's stderr */
+#define OOB_CHUNK 4096
 
 enum { STATUS_OK = 0 };
 
@@ -57,13 +61,37 @@ static uint8_t key[SHA256_SIZE];
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
 {
-    /* stderr is the job's: a flow we could not open is reported where the user looks. */
+    /* stderr is the job's: a flow we could not open is reported where the user looks. At most
+     * one line per SAY_INTERVAL, or a job retrying against a dead gateway floods its log. */
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    static time_t next;
+    static unsigned dropped;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    pthread_mutex_lock(&lock);
+    if (now.tv_sec < next) {
+        dropped++;
+        pthread_mutex_unlock(&lock);
+        return;
+    }
+    unsigned earlier = dropped;
+    dropped = 0;
+    next = now.tv_sec + SAY_INTERVAL;
+    pthread_mutex_unlock(&lock);
+
+    char line[512];
+    int n = snprintf(line, sizeof line, "vpn-provider relay: ");
     va_list ap;
     va_start(ap, fmt);
-    fputs("vpn-provider relay: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    n += vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
     va_end(ap);
+    if (n >= (int)sizeof line - 40)
+        n = (int)sizeof line - 40;
+    if (earlier)
+        n += snprintf(line + n, sizeof line - (size_t)n, " (%u more not shown)", earlier);
+    line[n++] = '\n';
+    ssize_t ignored = write(STDERR_FILENO, line, (size_t)n);  /* one write: lines never interleave */
+    (void)ignored;
 }
 
 static void reset_close(int fd)
@@ -78,6 +106,7 @@ static void tune(int fd)
     int on = 1, idle = 60, intvl = 10, cnt = 6;  /* a vanished peer is found within ~2 min */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);  /* XRootD's small requests */
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  /* urgent data: see step() */
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
@@ -115,6 +144,8 @@ static int recv_all(int fd, void *buf, size_t n)
         if (k <= 0) {
             if (k == 0)
                 errno = ECONNRESET;
+            else if (errno == EAGAIN)
+                errno = ETIMEDOUT;  /* SO_RCVTIMEO ran out */
             return -1;
         }
         p += k;
@@ -134,6 +165,8 @@ static int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeou
         int r;
         while ((r = poll(&p, 1, timeout_ms)) < 0 && errno == EINTR)
             ;
+        if (r < 0)
+            return -1;
         if (r == 0) {
             errno = ETIMEDOUT;
             return -1;
@@ -230,6 +263,16 @@ static int step(struct direction *d)
     int moved = 0;
     if (!d->eof && !d->pending) {
         ssize_t n = splice(d->src, NULL, d->pipe_w, NULL, CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        int at_mark = 0;
+        if ((n == 0 || (n < 0 && errno == EAGAIN)) && ioctl(d->src, SIOCATMARK, &at_mark) == 0 && at_mark) {
+            /* splice stops at TCP's urgent mark (telnet, FTP's ABOR, Java's sendUrgentData) and
+             * would report "nothing" forever; recv steps over it, and SO_OOBINLINE (tune) keeps
+             * the urgent byte in the stream. The pipe is empty, so the write fits. */
+            char buf[OOB_CHUNK];
+            n = recv(d->src, buf, sizeof buf, MSG_DONTWAIT);
+            if (n > 0 && write(d->pipe_w, buf, (size_t)n) != n)
+                return -1;
+        }
         if (n > 0) {
             d->pending = (size_t)n;
             moved = 1;
@@ -270,6 +313,7 @@ static void pump(int a, int b)
     }
     fcntl(a, F_SETFL, fcntl(a, F_GETFL) | O_NONBLOCK);
     fcntl(b, F_SETFL, fcntl(b, F_GETFL) | O_NONBLOCK);
+    int hung_up[2] = {0, 0};
     while (!(dirs[0].shut && dirs[1].shut)) {
         int moved = 0;
         for (int i = 0; i < 2; i++) {
@@ -290,14 +334,22 @@ static void pump(int a, int b)
             if (d->pending)
                 p[1 - i].events |= POLLOUT;
         }
-        /* A socket we want nothing from stays out: its POLLHUP would wake us in a loop. Its
-         * errors, if any, surface at the next splice that touches it. */
+        /* A socket we want nothing from still reports errors (POLLERR: the application reset
+         * an idle flow), but once it has hung up it stays out: POLLHUP would wake us in a loop. */
         for (int i = 0; i < 2; i++)
-            if (!p[i].events)
+            if (!p[i].events && hung_up[i])
                 p[i].fd = -1;
         if (poll(p, 2, -1) < 0 && errno != EINTR) {
             failed = 1;
             goto done;
+        }
+        for (int i = 0; i < 2; i++) {
+            if (p[i].revents & POLLERR) {
+                failed = 1;
+                goto done;
+            }
+            if ((p[i].revents & POLLHUP) && !p[i].events)
+                hung_up[i] = 1;
         }
     }
 done:
@@ -339,8 +391,11 @@ static void relay_tcp(struct job *j)
     int out = open_flow(j->verb, dest.sin_addr, dest.sin_port, &status, &why);
     if (out < 0) {
         char ip[INET_ADDRSTRLEN];
-        say("%s:%u via the relay: %s", inet_ntop(AF_INET, &dest.sin_addr, ip, sizeof ip),
-            ntohs(dest.sin_port), why);
+        if (j->verb == 'D')
+            say("DNS over TCP via the relay: %s", why);
+        else
+            say("%s:%u via the relay: %s", inet_ntop(AF_INET, &dest.sin_addr, ip, sizeof ip),
+                ntohs(dest.sin_port), why);
         reset_close(j->fd);  /* the application sees a reset, the nearest thing to "refused" */
         return;
     }
@@ -380,8 +435,55 @@ static size_t udp_limit(const uint8_t *q, size_t n, size_t *question_end)
     return limit;
 }
 
+/* Read n bytes by `deadline` (CLOCK_MONOTONIC) in all: a peer dripping bytes cannot hold us. */
+static int recv_all_by(int fd, void *buf, size_t n, const struct timespec *deadline)
+{
+    char *p = buf;
+    while (n) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long ms = (deadline->tv_sec - now.tv_sec) * 1000 + (deadline->tv_nsec - now.tv_nsec) / 1000000;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int r = ms > 0 ? poll(&pf, 1, (int)ms) : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = ETIMEDOUT;
+            return -1;
+        }
+        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (k <= 0) {
+            if (k == 0)
+                errno = ECONNRESET;
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Answer the asker ourselves: its header and question, no records, with `rcode` and `tc`. */
+static void answer_without_records(struct job *j, size_t question_end, unsigned rcode, int tc)
+{
+    uint8_t reply[4096];
+    if (question_end < 12 || question_end > j->length || question_end > sizeof reply)
+        return;  /* a question we cannot parse gets no answer: the asker times out */
+    memcpy(reply, j->query, question_end);
+    reply[2] = (uint8_t)(0x80 | (reply[2] & 0x79) | (tc ? 0x02 : 0));  /* QR, keep opcode and RD */
+    reply[3] = (uint8_t)(0x80 | (rcode & 0x0F));                      /* RA, rcode */
+    memset(reply + 6, 0, 6);
+    sendto(j->fd, reply, question_end, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
+}
+
+enum { RCODE_SERVFAIL = 2 };
+
 static void relay_udp_dns(struct job *j)
 {
+    size_t question_end, limit = udp_limit(j->query, j->length, &question_end);
     int status = -1;
     const char *why = "";
     struct in_addr none = {0};
@@ -389,27 +491,32 @@ static void relay_udp_dns(struct job *j)
     if (out < 0 || status != STATUS_OK) {
         if (out >= 0)
             close(out);
-        return;  /* the resolver retries; glibc then reports the name as unresolvable */
+        say("DNS via the relay: %s", out < 0 ? why : "the gateway has no resolver that answers");
+        /* SERVFAIL at once: the resolver library moves on instead of waiting for a time-out. */
+        answer_without_records(j, question_end, RCODE_SERVFAIL, 0);
+        return;
     }
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += DNS_TIMEOUT_S;
     set_timeouts(out, DNS_TIMEOUT_S);
     uint8_t head[2] = {j->length >> 8, j->length & 0xFF}, *answer = NULL;
     uint16_t n;
-    if (send_all(out, head, 2) < 0 || send_all(out, j->query, j->length) < 0 || recv_all(out, head, 2) < 0)
-        goto done;
+    if (send_all(out, head, 2) < 0 || send_all(out, j->query, j->length) < 0
+        || recv_all_by(out, head, 2, &deadline) < 0)
+        goto failed;
     n = (uint16_t)(head[0] << 8 | head[1]);
-    if (n < 12 || !(answer = malloc(n)) || recv_all(out, answer, n) < 0)
-        goto done;
-    size_t question_end, limit = udp_limit(j->query, j->length, &question_end);
-    size_t send_len = n;
-    if (n > limit && question_end >= 12 && question_end <= n) {
+    if (n < 12 || !(answer = malloc(n)) || recv_all_by(out, answer, n, &deadline) < 0)
+        goto failed;
+    if (n > limit)
         /* Too big for the asker's buffer: header and question only, with TC set, so it asks
          * again over TCP (our port 53 listener, a DNS stream through the relay). */
-        answer[2] |= 0x02;
-        memset(answer + 6, 0, 6);
-        memcpy(answer + 12, j->query + 12, question_end - 12);
-        send_len = question_end;
-    }
-    sendto(j->fd, answer, send_len, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
+        answer_without_records(j, question_end, answer[3] & 0x0F, 1);
+    else
+        sendto(j->fd, answer, n, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
+    goto done;
+failed:
+    answer_without_records(j, question_end, RCODE_SERVFAIL, 0);
 done:
     free(answer);
     close(out);
@@ -431,7 +538,8 @@ static void start_job(struct job *j)
     pthread_attr_t attr;
     pthread_t t;
     pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, THREAD_STACK);
+    long least = sysconf(_SC_THREAD_STACK_MIN);  /* 128 KiB on some 64 KiB-page machines */
+    pthread_attr_setstacksize(&attr, least > THREAD_STACK ? (size_t)least : THREAD_STACK);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     if (pthread_create(&t, &attr, run_job, j) != 0) {
         if (j->verb != 'U')
@@ -505,21 +613,24 @@ static void serve(int tcp, int udp, int dns_tcp)
 
 static int parse_setup(char *msg)
 {
-    char host[64], hex[2 * SHA256_SIZE + 1];
+    char host[64], hex[2 * SHA256_SIZE + 1] = "";
     unsigned port;
+    int rc = -1;
     if (sscanf(msg, "%63s %u %64s", host, &port, hex) != 3 || port == 0 || port > 65535
         || strlen(hex) != 2 * SHA256_SIZE || inet_pton(AF_INET, host, &relay_addr.sin_addr) != 1)
-        return -1;
+        goto out;
     relay_addr.sin_family = AF_INET;
     relay_addr.sin_port = htons((uint16_t)port);
     for (int i = 0; i < SHA256_SIZE; i++) {
         unsigned byte;
         if (sscanf(hex + 2 * i, "%2x", &byte) != 1)
-            return -1;
+            goto out;
         key[i] = (uint8_t)byte;
     }
+    rc = 0;
+out:
     explicit_bzero(hex, sizeof hex);
-    return 0;
+    return rc;
 }
 
 static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -530,12 +641,16 @@ static void report(const char *fmt, ...)
     va_start(ap, fmt);
     int n = vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
+    if (n < 0)
+        return;
     send(CTL_FD, line, n < (int)sizeof line ? (size_t)n : sizeof line - 1, MSG_NOSIGNAL);
 }
 
 int main(void)
 {
     prctl(PR_SET_NAME, "vpnp-node-relay");
+    struct rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);  /* a crash must not write the key to disk */
     /* Terminal signals are CMD's business (exec put us in our own process group); SIGTTOU
      * would stop us at the first line written to a terminal CMD owns. */
     signal(SIGINT, SIG_IGN);
@@ -580,7 +695,7 @@ int main(void)
     if (recvmsg(CTL_FD, &m, MSG_CMSG_CLOEXEC) <= 0)
         return 0;
     struct cmsghdr *c = CMSG_FIRSTHDR(&m);
-    if (!c || c->cmsg_type != SCM_RIGHTS)
+    if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
         return 0;
     size_t passed = c->cmsg_len - CMSG_LEN(0);
     memcpy(fds, CMSG_DATA(c), passed < sizeof fds ? passed : sizeof fds);

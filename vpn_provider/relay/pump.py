@@ -18,6 +18,7 @@ import threading
 # then shrinks every new pipe of that user, the job's own included: 256 KiB x 2 pipes x 2
 # hosts leaves room for over a hundred concurrent flows.
 CHUNK = 256 * 1024
+SIOCATMARK = 0x8905  # linux/sockios.h
 _HAS_SPLICE = hasattr(os, "splice")  # Python >= 3.10
 # A relay socket whose peer vanished (a crashed or preempted node) is found within ~2 min.
 _KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 6))
@@ -29,6 +30,7 @@ def tune(sock: socket.socket) -> None:
     """No Nagle delay (small requests, XRootD's, must not wait) and keepalives."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # urgent data: see _splice_one_way
     for option, value in _KEEPALIVE:
         sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
@@ -56,12 +58,27 @@ def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
         while True:
             n = os.splice(src.fileno(), w, CHUNK, flags=os.SPLICE_F_MOVE)
             if n == 0:
-                return
+                if not _at_urgent_mark(src):
+                    return
+                # splice stops at TCP's urgent mark and reads as an end of stream; recv steps
+                # over it, and SO_OOBINLINE (tune) keeps the urgent byte in the stream.
+                data = src.recv(4096)
+                if not data:
+                    return
+                dst.sendall(data)
+                continue
             while n:
                 n -= os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
     finally:
         os.close(r)
         os.close(w)
+
+
+def _at_urgent_mark(sock: socket.socket) -> bool:
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCATMARK, bytes(4)))[0] != 0
+    except OSError:
+        return False
 
 
 def _copy_one_way(src: socket.socket, dst: socket.socket) -> None:

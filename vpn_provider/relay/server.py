@@ -26,7 +26,7 @@ from .pump import Flow, reset, tune
 log = logging.getLogger("vpn_provider.relay")
 PROCESS_NAME = "vpnp-gw-relay"
 MAX_PENDING_HANDSHAKES = 64
-DNS_CONNECT_TIMEOUT = 3.0  # per resolver; the asker's own resolver library retries after ~5 s
+DNS_CONNECT_TIMEOUT = 1.5  # per resolver; the worker's resolver library gives up after 2 s
 _ERRNO_STATUS = {errno.ECONNREFUSED: Status.REFUSED, errno.ENETUNREACH: Status.UNREACHABLE,
                  errno.EHOSTUNREACH: Status.UNREACHABLE, errno.ETIMEDOUT: Status.TIMED_OUT}
 

@@ -12,6 +12,7 @@ from .vpnc_env import TunnelParams
 
 # Unix sockets through which glibc would resolve names on the *host's* network, not ours.
 # Only the sockets are masked: /etc/resolv.conf may be a symlink into /run/systemd/resolve.
+RELAY_ONLY_DUMMY_ADDRESS = "192.0.0.8"  # RFC 7600
 _HOST_RESOLVER_SOCKETS = ("/run/nscd/socket", "/var/run/nscd/socket",
                           "/run/systemd/resolve/io.systemd.Resolve")
 
@@ -38,6 +39,9 @@ def route_everything_to_loopback() -> None:
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
+        # glibc's AI_ADDRCONFIG counts no loopback address: without one other IPv4 address,
+        # an IPv4-only lookup (wget -4) finds nothing. 192.0.0.8 is the IPv4 dummy address.
+        ipr.addr("add", index=lo, address=RELAY_ONLY_DUMMY_ADDRESS, prefixlen=32)
         ipr.route("add", dst="0.0.0.0/0", oif=lo, prefsrc="127.0.0.1", family=socket.AF_INET)
 
 

@@ -33,6 +33,7 @@ class RelayHelper:
     def __init__(self, relay: Endpoint, key: bytes):
         self.relay = relay
         binary = helper_binary()
+        address = _ipv4_of(relay)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
         if self.pid == 0:
@@ -41,7 +42,7 @@ class RelayHelper:
         child_end.close()
         self._ctl = parent_end
         # The key travels on the socketpair: never in argv or in an environment.
-        self._ctl.send(f"{relay.host} {relay.port} {key.hex()}".encode())
+        self._ctl.send(f"{address} {relay.port} {key.hex()}".encode())
 
     def verdict(self, timeout: float) -> str:
         """'' when the relay is usable, else the reason (a time-out is a reason too)."""
@@ -71,6 +72,15 @@ class RelayHelper:
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def _ipv4_of(relay: Endpoint) -> str:
+    """The helper takes an IPv4 address; a ticket may name the login node by host name."""
+    try:
+        return socket.getaddrinfo(relay.host, relay.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError) as e:
+        raise TunnelError(f"relay {relay}: no IPv4 address ({getattr(e, 'strerror', None) or e})",
+                          "advertise the login node by an IPv4 address (gateway --advertise)") from None
 
 
 def _become_helper(binary: str, ctl: socket.socket) -> None:

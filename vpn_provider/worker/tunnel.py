@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import importlib.util
+import ipaddress
 import logging
 import os
 import select
@@ -111,10 +112,10 @@ class Tunnel:
         The time-out counts from ``started`` (a ``time.monotonic()`` value; default: now).
         """
         deadline = (time.monotonic() if started is None else started) + self.timeout
-        self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
         if self.tcp == "relay-only":
             self._establish_relay_only(deadline)
             return None
+        self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
         shim = preload_library()
         argv = self.openconnect_argv(self.endpoint)
         relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
@@ -177,11 +178,16 @@ class Tunnel:
     def _establish_relay_only(self, deadline: float) -> None:
         """No openconnect: the namespace's TCP and DNS go to the relay helper, nothing else
         leaves. The relay must answer, since there is nothing to fall back to."""
-        relay_endpoint = self.ticket.relay(self.endpoint)
-        if relay_endpoint is None:
+        if not self.ticket.relay_port:
             raise TunnelError("the gateway runs no TCP relay (started with --no-relay)",
                               "use --tcp relay or --tcp tunnel")
-        relay = RelayHelper(relay_endpoint, relay_key(self.ticket.secret))
+        # The host whose relay or VPN port answers first: the relay is what we use, and if only
+        # the VPN port answers (the relay's is filtered), the error then names the right host.
+        hosts = self.ticket.gateways
+        candidates = tuple(self.ticket.relay(g) for g in hosts) + hosts
+        chosen = pick_endpoint(candidates, min(3.0, self.timeout / 2))
+        self.endpoint = hosts[candidates.index(chosen) % len(hosts)]
+        relay = RelayHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret))
         try:
             linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
                                        flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
@@ -190,7 +196,8 @@ class Tunnel:
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(None))
             problem = relay.verdict(deadline - time.monotonic())
             if not problem:
-                problem = _hand_namespace_to(relay, exclude=[], relay_only=True)
+                dummy = ipaddress.IPv4Network(f"{netconfig.RELAY_ONLY_DUMMY_ADDRESS}/32")
+                problem = _hand_namespace_to(relay, exclude=[dummy], relay_only=True)
         except Exception as e:  # OSError, pyroute2's NetlinkError, ...: one line, never a traceback
             relay.abandon()
             raise TunnelError(f"setting up the worker namespace: {e}") from None
