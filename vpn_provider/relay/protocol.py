@@ -16,21 +16,12 @@ Internet. Use the tunnel transport where the site network between nodes must not
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import os
 import socket
 import struct
 import time
-
-# The node's relay helper imports this module in a bare interpreter (python -I -S), where
-# hashlib and hmac would load OpenSSL and add 4 MB to every worker: use the built-in SHA-256.
-try:
-    from _sha256 import sha256 as _sha256  # Python <= 3.11
-except ImportError:  # pragma: no cover - depends on the interpreter
-    try:
-        from _sha2 import sha256 as _sha256  # Python >= 3.12
-    except ImportError:
-        from hashlib import sha256 as _sha256
-from _operator import _compare_digest as compare_digest  # what hmac.compare_digest is
 
 MAGIC = b"VPNP-RELAY/1\n"
 HANDSHAKE_DEADLINE = 5.0  # seconds for a whole handshake, not per read: no slow-drip clients
@@ -59,20 +50,11 @@ class HandshakeError(Exception):
 
 
 def relay_key(secret: str) -> bytes:
-    return _sha256(b"vpn-provider relay v1\0" + secret.encode()).digest()
-
-
-def hmac_sha256(key: bytes, message: bytes) -> bytes:
-    """RFC 2104 HMAC with SHA-256 (block size 64)."""
-    if len(key) > 64:
-        key = _sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    inner = _sha256(bytes(k ^ 0x36 for k in key) + message).digest()
-    return _sha256(bytes(k ^ 0x5C for k in key) + inner).digest()
+    return hashlib.sha256(b"vpn-provider relay v1\0" + secret.encode()).digest()
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
-    return hmac_sha256(key, b"".join(parts))
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
 
 
 def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
@@ -98,7 +80,7 @@ def client_handshake(sock: socket.socket, key: bytes, verb: Verb,
     sock.sendall(MAGIC + cn)
     answer = recv_exact(sock, NONCE + MAC)
     sn, server_mac = answer[:NONCE], answer[NONCE:]
-    if not compare_digest(server_mac, _mac(key, b"S", cn, sn)):
+    if not hmac.compare_digest(server_mac, _mac(key, b"S", cn, sn)):
         raise HandshakeError("the relay does not know this ticket's secret (a different gateway?)")
     request = _REQUEST.pack(verb.value, socket.inet_aton(dest[0]), dest[1])
     sock.sendall(_mac(key, b"C", cn, sn, request) + request)
@@ -118,7 +100,7 @@ def server_handshake(sock: socket.socket, key: bytes) -> tuple[Verb, tuple[str, 
     sock.sendall(sn + _mac(key, b"S", cn, sn))
     proof = recv_exact(sock, MAC + _REQUEST.size, deadline)
     client_mac, request = proof[:MAC], proof[MAC:]
-    if not compare_digest(client_mac, _mac(key, b"C", cn, sn, request)):
+    if not hmac.compare_digest(client_mac, _mac(key, b"C", cn, sn, request)):
         raise HandshakeError("wrong secret")
     verb, addr, port = _REQUEST.unpack(request)
     try:
