@@ -118,12 +118,17 @@ IPV4_ONLY_LOOKUP = ("python3 -c \"import socket; socket.getaddrinfo('www.sim.tes
                     "socket.AI_ADDRCONFIG)\"")
 
 
+# Relay-only carries no other UDP: sending some must fail at once (no route), not vanish.
+UDP_OUT = ("python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', "
+           "('198.18.10.1', 123))\" 2>/dev/null")
+
+
 def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
     """No openconnect: the worker's only companion is the native helper, about 1 MB. When CMD
     ends, so does the helper."""
     site = site_env.site
     proc = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--tcp", "relay-only",
-                                           "--", "sh", "-c", f"getent hosts www.sim.test && {IPV4_ONLY_LOOKUP} && curl -sS -f -o /dev/null "
+                                           "--", "sh", "-c", f"getent hosts www.sim.test && {IPV4_ONLY_LOOKUP} && ! {UDP_OUT} && curl -sS -f -o /dev/null "
                                            f"{site_env.http_url}/big.bin && exec sleep 300"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -13,6 +13,7 @@ from .vpnc_env import TunnelParams
 # Unix sockets through which glibc would resolve names on the *host's* network, not ours.
 # Only the sockets are masked: /etc/resolv.conf may be a symlink into /run/systemd/resolve.
 RELAY_ONLY_DUMMY_ADDRESS = "192.0.0.8"  # RFC 7600
+_TCP_TABLE = 100  # relay-only: the routing table (and rule priority) for TCP; the namespace is ours
 _HOST_RESOLVER_SOCKETS = ("/run/nscd/socket", "/var/run/nscd/socket",
                           "/run/systemd/resolve/io.systemd.Resolve")
 
@@ -31,18 +32,22 @@ def configure_links(p: TunnelParams) -> None:
             ipr.route("add", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
 
 
-def route_everything_to_loopback() -> None:
-    """Relay-only mode: no tun device. A route is still needed for connect() to reach the
-    nftables redirect; through lo, whatever the redirect does not take (UDP, ICMP) goes nowhere.
-    Without a source address the kernel picks 0.0.0.0, and the redirected connection then
-    handshakes but never delivers a byte to the application."""
+def route_tcp_to_loopback() -> None:
+    """Relay-only mode: no tun device. TCP still needs a route for connect() to get as far as
+    the nftables redirect: through lo, by a rule for TCP alone. Everything else meets an
+    unreachable default route, so UDP and ICMP fail at once ("No route to host") instead of
+    waiting out a time-out. Without a source address the kernel would pick 0.0.0.0, and a
+    redirected connection would then handshake but never deliver a byte."""
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
         # glibc's AI_ADDRCONFIG counts no loopback address: without one other IPv4 address,
         # an IPv4-only lookup (wget -4) finds nothing. 192.0.0.8 is the IPv4 dummy address.
         ipr.addr("add", index=lo, address=RELAY_ONLY_DUMMY_ADDRESS, prefixlen=32)
-        ipr.route("add", dst="0.0.0.0/0", oif=lo, prefsrc="127.0.0.1", family=socket.AF_INET)
+        ipr.route("add", dst="0.0.0.0/0", oif=lo, prefsrc="127.0.0.1", table=_TCP_TABLE, family=socket.AF_INET)
+        ipr.route("add", dst="0.0.0.0/0", type="unreachable", family=socket.AF_INET)
+        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
+                 family=socket.AF_INET)
 
 
 def resolv_conf_text(p: TunnelParams | None) -> str:

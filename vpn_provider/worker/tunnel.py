@@ -192,7 +192,7 @@ class Tunnel:
             linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
                                        flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
             linux.make_mounts_private()
-            netconfig.route_everything_to_loopback()
+            netconfig.route_tcp_to_loopback()
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(None))
             problem = relay.verdict(deadline - time.monotonic())
             if not problem:
