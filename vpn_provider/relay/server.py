@@ -56,11 +56,9 @@ def forbidden(host: str) -> bool:
     return ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255")
 
 
-def open_destination(dest: tuple[str, int]) -> tuple[Status, socket.socket | None]:
-    if forbidden(dest[0]):
-        return Status.FORBIDDEN, None
+def _connect(dest: tuple[str, int], timeout: float) -> tuple[Status, socket.socket | None]:
     try:
-        out = socket.create_connection(dest, timeout=DEST_CONNECT_TIMEOUT)
+        out = socket.create_connection(dest, timeout=timeout)
     except socket.timeout:
         return Status.TIMED_OUT, None
     except OSError as e:
@@ -69,18 +67,20 @@ def open_destination(dest: tuple[str, int]) -> tuple[Status, socket.socket | Non
     return Status.OK, out
 
 
+def open_destination(dest: tuple[str, int]) -> tuple[Status, socket.socket | None]:
+    if forbidden(dest[0]):
+        return Status.FORBIDDEN, None
+    return _connect(dest, DEST_CONNECT_TIMEOUT)
+
+
 def open_resolver(resolvers: tuple[str, ...]) -> tuple[Status, socket.socket | None]:
     """DNS over TCP to the first of the gateway's own resolvers that answers. Loopback ones are
     fine here: we connect, not the worker, and only ever to port 53."""
     status: Status = Status.UNREACHABLE
     for ip in resolvers:
-        try:
-            out = socket.create_connection((ip, 53), timeout=DNS_CONNECT_TIMEOUT)
-        except OSError as e:
-            status = _ERRNO_STATUS.get(getattr(e, "errno", None), Status.UNREACHABLE)
-            continue
-        out.settimeout(None)
-        return Status.OK, out
+        status, out = _connect((ip, 53), DNS_CONNECT_TIMEOUT)
+        if out:
+            return status, out
     return status, None
 
 

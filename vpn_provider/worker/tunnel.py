@@ -15,6 +15,7 @@ TCP and DNS go to the relay helper alone.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import importlib.util
@@ -142,30 +143,20 @@ class Tunnel:
         os.close(passwd_r)
         os.close(report_w)
         try:
-            linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
-                                       flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
-            linux.make_mounts_private()
-            tun_fd = linux.create_tun(TUN_NAME)
-            try:
-                socket.send_fds(parent_end, [b"tun"], [tun_fd])
-            finally:
-                os.close(tun_fd)
-            parent_end.close()
-            params = self._await_report(report_r, log_fd, deadline)
-            netconfig.configure_links(params)
-            netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
-            if relay:
-                _activate_relay(relay, params, deadline)
-                relay = None
-        except TunnelError:
-            self.kill_child()
-            raise
-        except Exception as e:  # OSError, pyroute2's NetlinkError, ...: one line, never a traceback
-            self.kill_child()
-            raise TunnelError(f"setting up the worker namespace: {e}") from None
-        except BaseException:
-            self.kill_child()
-            raise
+            with _undone_on_failure(self.kill_child):
+                _enter_worker_namespace()
+                tun_fd = linux.create_tun(TUN_NAME)
+                try:
+                    socket.send_fds(parent_end, [b"tun"], [tun_fd])
+                finally:
+                    os.close(tun_fd)
+                parent_end.close()
+                params = self._await_report(report_r, log_fd, deadline)
+                netconfig.configure_links(params)
+                netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
+                if relay:
+                    _activate_relay(relay, params, deadline)
+                    relay = None
         finally:
             if relay:
                 relay.abandon()
@@ -188,25 +179,16 @@ class Tunnel:
         chosen = pick_endpoint(candidates, min(3.0, self.timeout / 2))
         self.endpoint = hosts[candidates.index(chosen) % len(hosts)]
         relay = RelayHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret))
-        try:
-            linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
-                                       flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
-            linux.make_mounts_private()
+        with _undone_on_failure(relay.abandon):
+            _enter_worker_namespace()
             netconfig.route_tcp_to_loopback()
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(None))
             problem = relay.verdict(deadline - time.monotonic())
             if not problem:
                 dummy = ipaddress.IPv4Network(f"{netconfig.RELAY_ONLY_DUMMY_ADDRESS}/32")
                 problem = _hand_namespace_to(relay, exclude=[dummy], relay_only=True)
-        except Exception as e:  # OSError, pyroute2's NetlinkError, ...: one line, never a traceback
-            relay.abandon()
-            raise TunnelError(f"setting up the worker namespace: {e}") from None
-        except BaseException:
-            relay.abandon()
-            raise
-        if problem:
-            relay.abandon()
-            raise TunnelError(problem, _relay_hint(problem))
+            if problem:
+                raise TunnelError(problem, _relay_hint(problem))
 
     def _await_report(self, report_r: int, log_fd: int, deadline: float) -> vpnc_env.TunnelParams:
         buf = b""
@@ -239,6 +221,29 @@ class Tunnel:
             except ChildProcessError:
                 pass
             self.child_pid = 0
+
+
+def _enter_worker_namespace() -> None:
+    linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(),
+                               flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
+    linux.make_mounts_private()
+
+
+@contextlib.contextmanager
+def _undone_on_failure(undo):
+    """Call ``undo`` if the block fails; any failure but a TunnelError (OSError, pyroute2's
+    NetlinkError, ...) becomes one line, never a traceback."""
+    try:
+        yield
+    except TunnelError:
+        undo()
+        raise
+    except Exception as e:  # noqa: BLE001
+        undo()
+        raise TunnelError(f"setting up the worker namespace: {e}") from None
+    except BaseException:
+        undo()
+        raise
 
 
 def _start_relay_helper(endpoint: Endpoint, secret: str) -> RelayHelper | None:
