@@ -47,8 +47,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .egress import CHOICES
+    from .worker import DEFAULT_RECONNECT_TIMEOUT
     p = argparse.ArgumentParser(prog="vpn-provider", description=__doc__)
     p.add_argument("--version", action="version", version=f"vpn-provider {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
@@ -87,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "kernel, when the ticket names one; tunnel: all traffic stays in the "
                          "encrypted tunnel; relay-only: no tunnel, only TCP and DNS, through the "
                          "relay (about 1 MB per worker instead of 14)")
+    ex.add_argument("--reconnect-timeout", type=_non_negative, default=DEFAULT_RECONNECT_TIMEOUT,
+                    help="when the gateway goes away, keep trying to get the tunnel back for this many "
+                         f"seconds, then send CMD SIGTERM (default {DEFAULT_RECONNECT_TIMEOUT:g}; 0: forever)")
     ex.add_argument("--log-file", type=Path, default=None,
                     help="keep openconnect's log here (default: discarded on success)")
     ex.add_argument("--argv-b64", default=None,
@@ -161,7 +172,7 @@ def _exec(args: argparse.Namespace) -> int:
         return 0
     # --timeout counts from the start of this process, so interpreter start-up is inside it.
     exec_in_vpn(Ticket.load(args.ticket), cmd, env=env, timeout=args.timeout, log_file=args.log_file,
-                started=process_start_monotonic(), tcp=args.tcp)
+                started=process_start_monotonic(), tcp=args.tcp, reconnect_timeout=args.reconnect_timeout)
     return EXIT_EXEC_FAILED  # not reached: exec_in_vpn replaces this process or raises
 
 

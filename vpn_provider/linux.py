@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import signal
+import socket
 import struct
 
 CLONE_NEWNS = 0x00020000
@@ -37,6 +39,10 @@ def _check(result: int, what: str) -> int:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
@@ -125,3 +131,33 @@ PR_SET_NAME = 15
 def set_process_name(name: str) -> None:
     """What ps, top and /proc/PID/comm show (15 bytes at most)."""
     _check(_libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0), "prctl")
+
+
+def reset_tcp_connections(select) -> int:
+    """Abort this network namespace's IPv4 TCP connections for which ``select(flow)`` is true
+    (``flow``: pyroute2's inet_diag_msg), with sock_diag's SOCK_DESTROY: their owners get
+    ECONNABORTED at once. Needs CAP_NET_ADMIN here and a kernel with CONFIG_INET_DIAG_DESTROY
+    (an OSError otherwise). Returns how many were aborted."""
+    from pyroute2 import DiagSocket  # noqa: PLC0415
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # noqa: PLC0415
+    from pyroute2.netlink.diag import SOCK_DESTROY, SS_CONN, inet_diag_req  # noqa: PLC0415
+    aborted = 0
+    with DiagSocket() as ds:
+        ds.bind()
+        for flow in ds.get_sock_stats(family=socket.AF_INET, states=SS_CONN):
+            if not select(flow):
+                continue
+            req = inet_diag_req()
+            req["sdiag_family"], req["sdiag_protocol"] = socket.AF_INET, socket.IPPROTO_TCP
+            req["idiag_states"] = SS_CONN
+            req["idiag_sport"], req["idiag_dport"] = flow["idiag_sport"], flow["idiag_dport"]
+            req["idiag_src"] = (struct.unpack(">I", socket.inet_aton(flow["idiag_src"]))[0], 0, 0, 0)
+            req["idiag_dst"] = (struct.unpack(">I", socket.inet_aton(flow["idiag_dst"]))[0], 0, 0, 0)
+            req["idiag_if"], req["idiag_cookie"] = flow["idiag_if"], flow["idiag_cookie"]
+            try:
+                tuple(ds.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK))
+                aborted += 1
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # already gone: fine
+                    raise
+    return aborted

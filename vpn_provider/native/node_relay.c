@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "sha256.h"
+#include "tunnel_keeper.h"
 
 #define CTL_FD 3
 #define MAGIC "VPNP-RELAY/1\n"
@@ -646,6 +647,50 @@ static void report(const char *fmt, ...)
     send(CTL_FD, line, n < (int)sizeof line ? (size_t)n : sizeof line - 1, MSG_NOSIGNAL);
 }
 
+/* The relay's check, in its own thread so the tunnel's set-up never waits for it. */
+static void *check_relay(void *unused)
+{
+    (void)unused;
+    int status = -1;
+    const char *why = "";
+    int probe = open_flow('P', (struct in_addr){0}, 0, &status, &why);
+    char where[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &relay_addr.sin_addr, where, sizeof where);
+    if (probe < 0) {
+        report("NO relay %s:%u: %s", where, ntohs(relay_addr.sin_port), why);
+        return NULL;
+    }
+    close(probe);
+    if (status != STATUS_OK)
+        report("NO relay %s:%u: status %d", where, ntohs(relay_addr.sin_port), status);
+    else
+        report("OK");
+    return NULL;
+}
+
+#define MAX_PASSED_FDS 8
+
+/* One message from exec, with any descriptors it carries; the message length, or <= 0. */
+static ssize_t receive(char *buf, size_t size, int *fds, int *nfds)
+{
+    union { char buf[CMSG_SPACE(MAX_PASSED_FDS * sizeof(int))]; struct cmsghdr align; } control;
+    struct iovec iov = {buf, size};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                       .msg_controllen = sizeof control.buf};
+    ssize_t n;
+    while ((n = recvmsg(CTL_FD, &m, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR)
+        ;
+    *nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); n > 0 && c; c = CMSG_NXTHDR(&m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        memcpy(fds, CMSG_DATA(c), (size_t)(count < MAX_PASSED_FDS ? count : MAX_PASSED_FDS) * sizeof(int));
+        *nfds = count < MAX_PASSED_FDS ? count : MAX_PASSED_FDS;
+    }
+    return n;
+}
+
 int main(void)
 {
     prctl(PR_SET_NAME, "vpnp-node-relay");
@@ -659,47 +704,39 @@ int main(void)
     signal(SIGTTIN, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
 
-    char msg[256];
-    ssize_t n = recv(CTL_FD, msg, sizeof msg - 1, 0);
-    if (n <= 0)
-        return 0;  /* exec gave up on us (and says why) */
-    msg[n] = 0;
-    int rc = parse_setup(msg);
+    /* Set-up: messages from exec until it hands over the namespace's sockets ("L") or closes
+     * the control socket. "T...": keep the tunnel; otherwise "HOST PORT KEYHEX": the relay. */
+    static char msg[65536];
+    int fds[MAX_PASSED_FDS], nfds, keeping = 0, listeners[3] = {-1, -1, -1};
+    ssize_t n;
+    while ((n = receive(msg, sizeof msg - 1, fds, &nfds)) > 0) {
+        msg[n] = 0;
+        if (msg[0] == 'T' && n > 1 && msg[1] == 0) {
+            if (keeper_start(msg, (size_t)n, fds, nfds, CTL_FD) < 0) {
+                report("DOWN bad tunnel set-up message from exec");
+                return 0;
+            }
+            keeping = 1;
+        } else if (msg[0] == 'L' && n == 1) {
+            memcpy(listeners, fds, (size_t)(nfds < 3 ? nfds : 3) * sizeof(int));
+            break;
+        } else {
+            int rc = parse_setup(msg);
+            pthread_t t;
+            if (rc < 0)
+                report("NO bad set-up message from exec");
+            else if (pthread_create(&t, NULL, check_relay, NULL) == 0)
+                pthread_detach(t);
+            else
+                report("NO no thread for the relay's check");
+        }
+        explicit_bzero(msg, (size_t)n);  /* both set-up messages carry a secret */
+    }
     explicit_bzero(msg, sizeof msg);
-    if (rc < 0) {
-        report("NO bad set-up message from exec");
-        return 0;
-    }
-    int status = -1;
-    const char *why = "";
-    int probe = open_flow('P', (struct in_addr){0}, 0, &status, &why);
-    char where[INET_ADDRSTRLEN];
-    inet_ntop(AF_INET, &relay_addr.sin_addr, where, sizeof where);
-    if (probe < 0) {
-        report("NO relay %s:%u: %s", where, ntohs(relay_addr.sin_port), why);
-        return 0;
-    }
-    close(probe);
-    if (status != STATUS_OK) {
-        report("NO relay %s:%u: status %d", where, ntohs(relay_addr.sin_port), status);
-        return 0;
-    }
-    report("OK");
-
-    char tag;
-    int fds[3] = {-1, -1, -1};
-    union { char buf[CMSG_SPACE(sizeof fds)]; struct cmsghdr align; } control;
-    struct iovec iov = {&tag, 1};
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                       .msg_controllen = sizeof control.buf};
-    if (recvmsg(CTL_FD, &m, MSG_CMSG_CLOEXEC) <= 0)
-        return 0;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
-    if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-        return 0;
-    size_t passed = c->cmsg_len - CMSG_LEN(0);
-    memcpy(fds, CMSG_DATA(c), passed < sizeof fds ? passed : sizeof fds);
     close(CTL_FD);
-    serve(fds[0], fds[1], fds[2]);
-    return 1;
+    if (listeners[0] >= 0)
+        serve(listeners[0], listeners[1], listeners[2]);
+    else if (keeping)
+        pthread_exit(NULL);  /* the keeper's thread goes on; the process lives while it does */
+    return 0;  /* exec gave up on us (and says why) */
 }

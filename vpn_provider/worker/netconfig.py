@@ -1,6 +1,7 @@
 """Configure the worker's namespace with pyroute2: lo, the tun device, routes, and DNS."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tempfile
@@ -19,17 +20,53 @@ _HOST_RESOLVER_SOCKETS = ("/run/nscd/socket", "/var/run/nscd/socket",
 
 
 def configure_links(p: TunnelParams) -> None:
+    """Address, MTU and routes of the tun device; idempotent, so the same call configures the
+    namespace at the start and again after the keeper brings the tunnel back (the gateway may
+    then have handed out another address)."""
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
         tun = ipr.link_lookup(ifname=p.tundev)[0]
         ipr.link("set", index=tun, mtu=p.mtu, state="up")
-        ipr.addr("add", index=tun, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
+        for old in ipr.get_addr(index=tun, family=socket.AF_INET):
+            address, prefixlen = old.get_attr("IFA_ADDRESS"), old["prefixlen"]
+            if (address, prefixlen) != (str(p.address.ip), p.address.network.prefixlen):
+                ipr.addr("del", index=tun, address=address, prefixlen=prefixlen)
+        ipr.addr("replace", index=tun, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
         if p.split_include:
             for net in p.split_include:
-                ipr.route("add", dst=str(net), oif=tun)
+                ipr.route("replace", dst=str(net), oif=tun)
         else:
-            ipr.route("add", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
+            ipr.route("replace", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
+
+
+def take_tunnel_down(tundev: str, *, all_tcp: bool) -> int:
+    """The gateway is gone: down goes the tun device, and with it its routes, so new connections
+    fail at once ("Network is unreachable") instead of waiting. TCP connections the tunnel
+    carried are reset (a transfer must fail, not hang): all of them with ``all_tcp``, else those
+    to the VPN's own network and to port 53 (the relay carries the rest, and they live on).
+    Returns how many were reset."""
+    with IPRoute() as ipr:
+        tun = ipr.link_lookup(ifname=tundev)[0]
+        local = [ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+                 for a in ipr.get_addr(index=tun, family=socket.AF_INET)]
+        ipr.link("set", index=tun, state="down")
+    pools = [iface.network for iface in local]
+    addresses = {str(iface.ip) for iface in local}
+
+    def carried_by_tunnel(flow) -> bool:
+        if flow["idiag_src"] not in addresses:
+            return False
+        return all_tcp or flow["idiag_dport"] == 53 or any(
+            ipaddress.IPv4Address(flow["idiag_dst"]) in net for net in pools)
+    return linux.reset_tcp_connections(carried_by_tunnel)
+
+
+def rewrite_resolv_conf(text: str) -> None:
+    """Replace the content of the resolv.conf bind-mounted by ``install_resolv_conf`` (we are in
+    the worker's mount namespace; the file is ours)."""
+    with open("/etc/resolv.conf", "w") as f:
+        f.write(text)
 
 
 def route_tcp_to_loopback() -> None:

@@ -1,17 +1,24 @@
-"""``exec``'s handle on the node's relay helper (``native/node_relay.c``, built as
-``vpn_provider/_node_relay``).
+"""``exec``'s handle on the node's helper (``native/node_relay.c`` and ``native/tunnel_keeper.c``,
+built as ``vpn_provider/_node_relay``): the worker's end of the TCP relay, and the keeper that
+runs openconnect and brings the tunnel back after the gateway restarts.
 
 The helper is forked while ``exec`` is still in the node's network namespace, so its sockets to
 the gateway are the node's own; then it execs the native binary, which costs the worker about
-1 MB for as long as the job runs.
+1 MB for as long as the job runs. Messages on the control socket (SOCK_SEQPACKET):
+
+    exec -> helper   "HOST PORT KEYHEX"        check the relay (answer: "OK" | "NO reason")
+    exec -> helper   "T" ... + 5 fds           keep the tunnel (answer: "UP" NUL env | "DOWN why")
+    exec -> helper   "L" + up to 3 fds         the namespace's sockets for the relay to serve
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import select
 import signal
 import socket
+import time
 from pathlib import Path
 
 from .. import linux
@@ -24,16 +31,40 @@ BINARY = Path(__file__).resolve().parent.parent / "_node_relay"
 
 def helper_binary() -> str:
     if not os.access(BINARY, os.X_OK):
-        raise TunnelError("the relay helper vpn_provider/_node_relay is missing",
-                          "reinstall vpn-provider (needs a C compiler), or use --tcp tunnel")
+        raise TunnelError("the node helper vpn_provider/_node_relay is missing",
+                          "reinstall vpn-provider (needs a C compiler)")
     return str(BINARY)
 
 
+@dataclasses.dataclass(frozen=True)
+class KeeperSpec:
+    """What the keeper needs to log in again on its own, to any of the ticket's gateways."""
+    openconnect_argv: tuple[str, ...]  # without the gateway's URL
+    gateways: tuple[Endpoint, ...]  # the one to try first, first
+    secret: str = dataclasses.field(repr=False)
+    tcp_mode: str  # passed on to the rejoin tool: which TCP flows the tunnel carries
+    give_up_after: float  # seconds without a tunnel before CMD gets SIGTERM; 0: never
+    attempt_timeout: float  # seconds one login may take
+    log_is_scratch: bool  # the log lives in memory: keep only the latest attempt's
+    preload: str  # the shim that hands openconnect our tun device
+
+    def message(self, python: str) -> bytes:
+        fields = ["T", str(int(self.give_up_after)), str(max(1, int(self.attempt_timeout))), self.tcp_mode,
+                  python, self.secret, "1" if self.log_is_scratch else "0", self.preload,
+                  str(len(self.gateways))]
+        for gw in self.gateways:
+            fields += [ipv4_of(gw), str(gw.port), f"https://{gw}/"]
+        fields += self.openconnect_argv
+        return "\0".join(fields).encode()
+
+
 class RelayHelper:
-    def __init__(self, relay: Endpoint, key: bytes):
+    """The node's helper process. ``relay``/``key``: the relay to check and use (None: tunnel only)."""
+
+    def __init__(self, relay: Endpoint | None, key: bytes | None):
         self.relay = relay
         binary = helper_binary()
-        address = _ipv4_of(relay)
+        address = ipv4_of(relay) if relay else ""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
         if self.pid == 0:
@@ -41,17 +72,50 @@ class RelayHelper:
             _become_helper(binary, child_end)
         child_end.close()
         self._ctl = parent_end
-        # The key travels on the socketpair: never in argv or in an environment.
-        self._ctl.send(f"{address} {relay.port} {key.hex()}".encode())
+        self._stash: list[bytes] = []
+        if relay and key:
+            # The key travels on the socketpair: never in argv or in an environment.
+            self._ctl.send(f"{address} {relay.port} {key.hex()}".encode())
+
+    def _await(self, tags: tuple[bytes, ...], timeout: float) -> bytes | None:
+        """The next message that starts with one of ``tags`` (others are kept for later);
+        b'' if the helper is gone, None on time-out."""
+        for i, msg in enumerate(self._stash):
+            if msg.startswith(tags):
+                return self._stash.pop(i)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            if not select.select([self._ctl], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            msg = self._ctl.recv(1 << 20)
+            if not msg or msg.startswith(tags):
+                return msg
+            self._stash.append(msg)
 
     def verdict(self, timeout: float) -> str:
         """'' when the relay is usable, else the reason (a time-out is a reason too)."""
-        if not select.select([self._ctl], [], [], max(0.0, timeout))[0]:
+        msg = self._await((b"OK", b"NO"), timeout)
+        if msg is None:
             return f"relay {self.relay}: no answer within {timeout:g} s"
-        msg = self._ctl.recv(4096)
         if msg == b"OK":
             return ""
         return msg[3:].decode(errors="replace") or f"relay {self.relay}: the helper exited"
+
+    def keep_tunnel(self, spec: KeeperSpec, python: str, *, tun_fd: int, log_fd: int,
+                    namespaces: list[int]) -> None:
+        """Hand the keeper the tun device, openconnect's log and the worker's user, network and
+        mount namespaces; it starts openconnect at once."""
+        socket.send_fds(self._ctl, [spec.message(python)], [tun_fd, log_fd, *namespaces])
+
+    def tunnel_report(self, timeout: float) -> bytes | str | None:
+        """openconnect's report (env -0) once the first tunnel is up; a str saying how openconnect
+        ended if it did first; None on time-out."""
+        msg = self._await((b"UP\0", b"DOWN"), timeout)
+        if msg is None:
+            return None
+        if msg.startswith(b"UP\0"):
+            return msg[3:]
+        return msg[5:].decode(errors="replace") or "the node helper exited"
 
     def hand_over(self, sockets: list[socket.socket]) -> None:
         """Give the helper the namespace's sockets (the redirect's listener; in relay-only mode
@@ -64,6 +128,10 @@ class RelayHelper:
                 s.close()
             self._ctl.close()
 
+    def detach(self) -> None:
+        """Set-up is over without a relay to serve: the helper goes on keeping the tunnel."""
+        self._ctl.close()
+
     def abandon(self) -> None:
         """End the helper now: CMD must not inherit a child it does not know about."""
         self._ctl.close()
@@ -74,12 +142,12 @@ class RelayHelper:
             pass
 
 
-def _ipv4_of(relay: Endpoint) -> str:
-    """The helper takes an IPv4 address; a ticket may name the login node by host name."""
+def ipv4_of(endpoint: Endpoint) -> str:
+    """The helper takes IPv4 addresses; a ticket may name the login node by host name."""
     try:
-        return socket.getaddrinfo(relay.host, relay.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        return socket.getaddrinfo(endpoint.host, endpoint.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     except (OSError, IndexError) as e:
-        raise TunnelError(f"relay {relay}: no IPv4 address ({getattr(e, 'strerror', None) or e})",
+        raise TunnelError(f"gateway {endpoint}: no IPv4 address ({getattr(e, 'strerror', None) or e})",
                           "advertise the login node by an IPv4 address (gateway --advertise)") from None
 
 

@@ -1,14 +1,15 @@
 """Bring the tunnel up for one command, then become that command.
 
 Sequence (every step unprivileged):
-  1. fork openconnect's process while we are still in the host's network namespace;
+  1. fork the node helper (``relay_helper``) while we are still in the host's network namespace;
   2. enter a new user+network+mount namespace and create the tun device there;
-  3. pass the tun fd to openconnect (SCM_RIGHTS); a preload shim makes openconnect use it;
+  3. pass the helper the tun fd and the namespaces (SCM_RIGHTS); its tunnel keeper starts
+     openconnect, and a preload shim makes openconnect use that tun fd;
   4. wait for openconnect's script to report the tunnel parameters (the readiness handshake);
   5. configure addresses, routes, MTU and DNS with pyroute2 and a bind-mounted resolv.conf;
   6. exec CMD in place of this process, so its exit status and signals pass straight through.
-openconnect stays CMD's child with a parent-death signal: when CMD ends, the tunnel ends.
-The relay's helper (``relay_helper``) is forked before step 2 and lives the same way.
+The helper stays CMD's child with a parent-death signal: when CMD ends, the tunnel ends. When
+the gateway restarts, the keeper logs in again and reconfigures the namespace (``rejoin``).
 
 In relay-only mode steps 1, 3 and 4 are skipped: no tun device, no openconnect; the namespace's
 TCP and DNS go to the relay helper alone.
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import importlib.util
 import ipaddress
 import logging
 import os
+import random
 import select
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -34,19 +36,19 @@ from ..errors import TunnelError
 from ..relay import TCP_TRANSPORTS
 from ..relay.protocol import relay_key
 from ..ticket import Endpoint, Ticket
-from . import netconfig, vpnc_env
+from . import DEFAULT_RECONNECT_TIMEOUT, netconfig, vpnc_env
 from .diagnose import classify
 from .redirect import install_redirect, remove_redirect
-from .relay_helper import RelayHelper
+from .relay_helper import KeeperSpec, RelayHelper
 
 log = logging.getLogger(__name__)
 
 TUN_NAME = "vpn0"
 # The relay's check runs while openconnect connects, so it is normally long done by now.
 RELAY_VERDICT_WAIT = 2.0
-_REPORT_FD, _TUN_FD = 3, 4  # fixed numbers in openconnect's process, so the script can say >&3
-_END = b"VPNP_REPORT_END=1\0"
-# openconnect runs this with /bin/sh -c for every state change; we only want "connect".
+_HELPER_GONE = "the node helper is gone"
+# openconnect runs this with /bin/sh -c for every state change; we only want "connect". The
+# keeper gives openconnect its report pipe as fd 3 (native/tunnel_keeper.c: OC_REPORT_FD).
 _SCRIPT = "case \"$reason\" in connect) env -0 >&3; printf 'VPNP_REPORT_END=1\\0' >&3;; esac; exit 0"
 
 
@@ -57,10 +59,11 @@ def preload_library() -> str:
     return spec.origin
 
 
-def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float) -> Endpoint:
-    """The first gateway address that accepts a TCP connection; tried in parallel."""
-    if len(endpoints) == 1:
-        return endpoints[0]
+def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float, *, spread: float = 0.05) -> Endpoint | None:
+    """A gateway address that accepts a TCP connection, tried in parallel; None if none does
+    within ``timeout``. An address that fails is dropped, the others are waited for (a burst of
+    workers makes a gateway slow to accept, not wrong). Among those that answer within
+    ``spread`` seconds of the first, one is picked at random, so workers spread over gateways."""
     pending: dict[socket.socket, Endpoint] = {}
     for ep in endpoints:
         try:
@@ -74,37 +77,49 @@ def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float) -> Endpoint:
         except OSError:
             continue
     deadline = time.monotonic() + timeout
+    answered: list[Endpoint] = []
     try:
         while pending and time.monotonic() < deadline:
-            _, writable, _ = select.select([], list(pending), [], deadline - time.monotonic())
+            _, writable, _ = select.select([], list(pending), [], max(0.0, deadline - time.monotonic()))
             for s in writable:
                 if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                    return pending[s]
+                    if not answered:
+                        deadline = min(deadline, time.monotonic() + spread)
+                    answered.append(pending[s])
                 s.close()
                 del pending[s]
     finally:
         for s in pending:
             s.close()
-    return endpoints[0]  # none answered: let openconnect produce the precise error
+    return random.choice(answered) if answered else None
+
+
+def _first_then_rest(first: Endpoint, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    return (first, *(e for e in endpoints if e != first))
 
 
 class Tunnel:
     def __init__(self, ticket: Ticket, *, timeout: float = 15.0, log_file: Path | None = None,
-                 tcp: str = "relay"):
+                 tcp: str = "relay", reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT):
         if tcp not in TCP_TRANSPORTS:
             raise ValueError(f"tcp transport must be one of {', '.join(TCP_TRANSPORTS)}")
+        if reconnect_timeout < 0:
+            raise ValueError("reconnect_timeout must be >= 0 (0: never give up)")
         self.ticket = ticket
         self.tcp = tcp
         self.timeout = timeout
         self.log_file = log_file
-        self.child_pid = 0
+        self.reconnect_timeout = reconnect_timeout
+        self.helper: RelayHelper | None = None
         self.endpoint: Endpoint | None = None
 
-    def openconnect_argv(self, endpoint: Endpoint) -> list[str]:
+    def openconnect_argv(self) -> list[str]:
+        """Without the gateway's URL: the keeper appends the one it logs in to.
+        --reconnect-timeout=0: openconnect tries to resume its session once, at once, and
+        exits if the gateway no longer knows it; the keeper then logs in afresh."""
         return [proc.find_tool("openconnect"), "--protocol=anyconnect", "--non-inter",
-                "--passwd-on-stdin", f"--user={self.ticket.user}",
-                f"--servercert={self.ticket.pin}", f"--script={_SCRIPT}",
-                f"https://{endpoint}/"]
+                "--passwd-on-stdin", f"--user={self.ticket.user}", "--reconnect-timeout=0",
+                f"--servercert={self.ticket.pin}", f"--script={_SCRIPT}"]
 
     def establish(self, *, started: float | None = None) -> vpnc_env.TunnelParams | None:
         """Return once CMD may run: this process is then inside the configured namespace.
@@ -116,53 +131,41 @@ class Tunnel:
         if self.tcp == "relay-only":
             self._establish_relay_only(deadline)
             return None
-        self.endpoint = pick_endpoint(self.ticket.gateways, min(3.0, self.timeout / 2))
         shim = preload_library()
-        argv = self.openconnect_argv(self.endpoint)
+        argv = self.openconnect_argv()
+        chosen = pick_endpoint(self.ticket.gateways, max(0.1, deadline - time.monotonic() - 1.0))
+        self.endpoint = chosen or self.ticket.gateways[0]  # none answered: openconnect says why
         relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
-        # Forked first, before any pipe below exists, so it holds none of them open.
-        relay = _start_relay_helper(relay_endpoint, self.ticket.secret) if relay_endpoint else None
-        try:
-            log_fd = (os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                      if self.log_file else os.memfd_create("openconnect-log", os.MFD_CLOEXEC))
-        except OSError as e:
-            if relay:
-                relay.abandon()
-            raise TunnelError(f"cannot open the log file {self.log_file}: {e.strerror}") from None
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        passwd_r, passwd_w = os.pipe2(os.O_CLOEXEC)
-        os.write(passwd_w, (self.ticket.secret + "\n").encode())  # fits the pipe buffer
-        os.close(passwd_w)
-        # SEQPACKET, not DGRAM: closing our end must wake the child's recv with EOF.
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.child_pid = os.fork()
-        if self.child_pid == 0:
-            parent_end.close()
-            _openconnect_child(argv, shim, child_end, passwd_r, log_fd, report_w)
-        child_end.close()
-        os.close(passwd_r)
-        os.close(report_w)
-        try:
-            with _undone_on_failure(self.kill_child):
+        spec = KeeperSpec(openconnect_argv=tuple(argv), gateways=_first_then_rest(self.endpoint, self.ticket.gateways),
+                          secret=self.ticket.secret, tcp_mode=self.tcp, give_up_after=self.reconnect_timeout,
+                          attempt_timeout=self.timeout, log_is_scratch=self.log_file is None, preload=shim)
+        # Forked first, before any descriptor below exists, so it holds none of them open.
+        helper = RelayHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None)
+        self.helper = helper
+        with _undone_on_failure(self.kill_helper):
+            try:
+                log_fd = (os.open(self.log_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                          if self.log_file else os.memfd_create("openconnect-log", os.MFD_CLOEXEC))
+            except OSError as e:
+                raise TunnelError(f"cannot open the log file {self.log_file}: {e.strerror}") from None
+            try:
                 _enter_worker_namespace()
                 tun_fd = linux.create_tun(TUN_NAME)
+                namespaces = [os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("user", "net", "mnt")]
                 try:
-                    socket.send_fds(parent_end, [b"tun"], [tun_fd])
+                    helper.keep_tunnel(spec, sys.executable, tun_fd=tun_fd, log_fd=log_fd, namespaces=namespaces)
                 finally:
-                    os.close(tun_fd)
-                parent_end.close()
-                params = self._await_report(report_r, log_fd, deadline)
-                netconfig.configure_links(params)
-                netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
-                if relay:
-                    _activate_relay(relay, params, deadline)
-                    relay = None
-        finally:
-            if relay:
-                relay.abandon()
-            parent_end.close()
-            os.close(report_r)
-            os.close(log_fd)
+                    for fd in (tun_fd, *namespaces):
+                        os.close(fd)
+                params = self._await_report(log_fd, deadline)
+            finally:
+                os.close(log_fd)
+            netconfig.configure_links(params)
+            netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
+            if relay_endpoint:
+                _activate_relay(helper, params, deadline)
+            else:
+                helper.detach()
         log.debug("tunnel up via %s: %s", self.endpoint, params)
         return params
 
@@ -176,9 +179,10 @@ class Tunnel:
         # the VPN port answers (the relay's is filtered), the error then names the right host.
         hosts = self.ticket.gateways
         candidates = tuple(self.ticket.relay(g) for g in hosts) + hosts
-        chosen = pick_endpoint(candidates, min(3.0, self.timeout / 2))
-        self.endpoint = hosts[candidates.index(chosen) % len(hosts)]
+        chosen = pick_endpoint(candidates, max(0.1, deadline - time.monotonic() - 1.0))
+        self.endpoint = hosts[candidates.index(chosen) % len(hosts)] if chosen else hosts[0]
         relay = RelayHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret))
+        self.helper = relay
         with _undone_on_failure(relay.abandon):
             _enter_worker_namespace()
             netconfig.route_tcp_to_loopback()
@@ -190,37 +194,23 @@ class Tunnel:
             if problem:
                 raise TunnelError(problem, _relay_hint(problem))
 
-    def _await_report(self, report_r: int, log_fd: int, deadline: float) -> vpnc_env.TunnelParams:
-        buf = b""
-        while _END not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill_child()
-                raise TunnelError(f"no tunnel to {self.endpoint} within {self.timeout:g} s",
-                                  _timeout_hint(_read_all(log_fd)))
-            ready, _, _ = select.select([report_r], [], [], min(left, 0.1))
-            if ready:
-                chunk = os.read(report_r, 65536)
-                if chunk:
-                    buf += chunk
-                    continue
-                time.sleep(0.01)  # EOF: openconnect closed the pipe, so it is exiting
-            if not _still_running(self.child_pid):
-                self.child_pid = 0
-                raise classify(_read_all(log_fd), str(self.endpoint))
+    def _await_report(self, log_fd: int, deadline: float) -> vpnc_env.TunnelParams:
+        report = self.helper.tunnel_report(deadline - time.monotonic())
+        if report is None:
+            raise TunnelError(f"no tunnel to {self.endpoint} within {self.timeout:g} s",
+                              _timeout_hint(_read_all(log_fd)))
+        if isinstance(report, str):
+            raise classify(_read_all(log_fd), str(self.endpoint))
         try:
-            return vpnc_env.parse(vpnc_env.parse_nul_separated(buf.split(_END)[0]))
+            return vpnc_env.parse(vpnc_env.parse_nul_separated(report))
         except ValueError as e:
             raise TunnelError(f"bad tunnel parameters from the gateway: {e}") from None
 
-    def kill_child(self) -> None:
-        if self.child_pid:
-            proc.terminate(self.child_pid, grace=3)
-            try:
-                os.waitpid(self.child_pid, 0)
-            except ChildProcessError:
-                pass
-            self.child_pid = 0
+    def kill_helper(self) -> None:
+        """End the helper, and with it openconnect (its parent-death signal)."""
+        if self.helper:
+            self.helper.abandon()
+            self.helper = None
 
 
 def _enter_worker_namespace() -> None:
@@ -246,24 +236,17 @@ def _undone_on_failure(undo):
         raise
 
 
-def _start_relay_helper(endpoint: Endpoint, secret: str) -> RelayHelper | None:
-    """The helper, or None (and a warning) if it is not installed: the tunnel carries TCP then."""
-    try:
-        return RelayHelper(endpoint, relay_key(secret))
-    except TunnelError as e:
-        log.warning("TCP goes through the tunnel: %s", e.reason)
-        return None
-
-
-def _activate_relay(relay: RelayHelper, params: vpnc_env.TunnelParams, deadline: float) -> None:
+def _activate_relay(helper: RelayHelper, params: vpnc_env.TunnelParams, deadline: float) -> None:
     """Send the namespace's TCP through the relay if it answered; else leave TCP in the tunnel
-    (and say so: the job works, only slower)."""
-    problem = relay.verdict(min(RELAY_VERDICT_WAIT, deadline - time.monotonic()))
+    (and say so: the job works, only slower). The helper keeps the tunnel either way."""
+    problem = helper.verdict(min(RELAY_VERDICT_WAIT, deadline - time.monotonic()))
     if not problem:
         # The pool stays in the tunnel: only the gateway's namespace reaches other workers.
-        problem = _hand_namespace_to(relay, exclude=[params.address.network], relay_only=False)
+        problem = _hand_namespace_to(helper, exclude=[params.address.network], relay_only=False)
+        if problem.startswith(_HELPER_GONE):
+            raise TunnelError(problem)  # and the tunnel's keeper with it
     if problem:
-        relay.abandon()
+        helper.detach()
         log.warning("TCP goes through the tunnel: %s", problem)
 
 
@@ -296,7 +279,7 @@ def _hand_namespace_to(relay: RelayHelper, *, exclude: list, relay_only: bool) -
         relay.hand_over(sockets)
     except OSError as e:
         remove_redirect()
-        return f"the relay helper is gone ({e.strerror or e})"
+        return f"{_HELPER_GONE} ({e.strerror or e})"
     return ""
 
 
@@ -304,14 +287,6 @@ def _relay_hint(problem: str) -> str:
     if "secret" in problem:
         return "the ticket belongs to a different gateway; copy the current ticket.json"
     return "is the gateway running, and its relay port reachable from this node? (try: vpn-provider check)"
-
-
-def _still_running(pid: int) -> bool:
-    """True while openconnect still runs (reaps it when it has exited)."""
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == 0
-    except ChildProcessError:
-        return False
 
 
 def _timeout_hint(openconnect_log: str) -> str:
@@ -330,30 +305,6 @@ def _read_all(fd: int) -> str:
         offset += len(data)
 
 
-def _openconnect_child(argv: list[str], shim: str, fd_sock: socket.socket, passwd_r: int,
-                       log_fd: int, report_w: int) -> NoReturn:
-    """Runs in the forked child: wait for the tun fd, then become openconnect."""
-    try:
-        linux.die_with_parent()
-        _, fds, _, _ = socket.recv_fds(fd_sock, 16, 1)
-        if not fds:
-            os._exit(1)  # the parent gave up before creating the tun device
-        # Lift every source above the targets first: if stdin was closed, a source may *be* fd 0.
-        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (passwd_r, log_fd, report_w, fds[0])]
-        for src, dst in zip(sources, (0, 1, _REPORT_FD, _TUN_FD)):
-            os.dup2(src, dst)  # dup2 clears close-on-exec on dst
-        os.dup2(1, 2)
-        os.closerange(_TUN_FD + 1, _max_fd())
-        env = dict(os.environ)
-        env["LD_PRELOAD"] = shim + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
-        env["VPNP_TUN_FD"] = str(_TUN_FD)
-        linux.restore_default_signals()
-        os.execve(argv[0], argv, env)
-    except BaseException:  # noqa: BLE001 - never return into the parent's code
-        pass
-    os._exit(1)
-
-
 def process_start_monotonic() -> float:
     """When this process started, on the monotonic clock: --timeout counts from there, so the
     interpreter's start-up is inside the promised time."""
@@ -366,29 +317,25 @@ def process_start_monotonic() -> float:
         return time.monotonic()
 
 
-def _max_fd() -> int:
-    try:
-        return max(int(n) for n in os.listdir("/proc/self/fd")) + 1
-    except (OSError, ValueError):
-        return 1024
-
-
 def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None = None,
                 timeout: float = 15.0, log_file: Path | None = None,
-                started: float | None = None, tcp: str = "relay") -> NoReturn:
+                started: float | None = None, tcp: str = "relay",
+                reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT) -> NoReturn:
     """Replace this process with ``argv`` (plus ``env`` in its environment) running inside the
     VPN. Raises TunnelError if the tunnel cannot be set up; never returns otherwise.
     ``started``: the ``time.monotonic()`` the time-out counts from (default: now).
     ``tcp``: "relay" sends TCP through the gateway's relay when it has one, "tunnel" keeps all
-    traffic in the encrypted tunnel."""
+    traffic in the encrypted tunnel, "relay-only" runs no tunnel.
+    ``reconnect_timeout``: seconds without a tunnel, after the gateway went away, before CMD gets
+    SIGTERM (0: wait for a gateway forever)."""
     if not shutil.which(argv[0], path=(env or {}).get("PATH")):
         raise TunnelError(f"command not found: {argv[0]}")
-    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file, tcp=tcp)
+    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file, tcp=tcp, reconnect_timeout=reconnect_timeout)
     tunnel.establish(started=started)
-    os.environ.update(env or {})  # after establish: openconnect must not see CMD's settings
+    os.environ.update(env or {})  # after establish: the helper must not see CMD's settings
     linux.restore_default_signals()
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
-        tunnel.kill_child()
+        tunnel.kill_helper()
         raise TunnelError(f"cannot run {argv[0]}: {e.strerror}") from None

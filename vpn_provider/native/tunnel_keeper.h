@@ -1,0 +1,10 @@
+/* The worker's tunnel keeper (tunnel_keeper.c), a thread of the node's helper. */
+#ifndef VPNP_TUNNEL_KEEPER_H
+#define VPNP_TUNNEL_KEEPER_H
+#include <stddef.h>
+
+/* Start keeping the tunnel described by exec's "T" message, with its descriptors (tun, log,
+ * the worker's user, net and mount namespaces). Replies go to `ctl`. 0, or -1 if malformed. */
+int keeper_start(const char *msg, size_t len, const int *fds, int nfds, int ctl);
+
+#endif

@@ -1,0 +1,46 @@
+"""Reconfigure a running worker's namespace when its tunnel goes or comes back.
+
+    python -I -m vpn_provider.worker.rejoin down|up TCP_MODE
+
+Run by the node helper's tunnel keeper (``native/tunnel_keeper.c``), never by users. Descriptors
+3, 4 and 5 are the worker's user, network and mount namespaces; for ``up``, stdin carries
+openconnect's report (``env -0`` of its script) for the new tunnel. The keeper runs as the user
+who created those namespaces, in their parent user namespace, so it may enter them and gets the
+capabilities it needs inside (as ``nsenter -U`` would).
+"""
+from __future__ import annotations
+
+import sys
+
+from .. import linux
+
+_USER_NS, _NET_NS, _MNT_NS = 3, 4, 5
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("up", "down"):
+        print("usage: python -m vpn_provider.worker.rejoin up|down TCP_MODE", file=sys.stderr)
+        return 2
+    action, tcp_mode = argv
+    report = sys.stdin.buffer.read() if action == "up" else b""
+    # The user namespace first (only a single-threaded process may enter one): it gives us
+    # the capabilities that entering the other two needs.
+    for fd in (_USER_NS, _NET_NS, _MNT_NS):
+        linux.setns(fd)
+    from . import netconfig, vpnc_env  # noqa: PLC0415 - pyroute2 only once inside
+    from .tunnel import TUN_NAME  # noqa: PLC0415
+    if action == "down":
+        netconfig.take_tunnel_down(TUN_NAME, all_tcp=tcp_mode == "tunnel")
+        return 0
+    params = vpnc_env.parse(vpnc_env.parse_nul_separated(report))
+    netconfig.configure_links(params)
+    netconfig.rewrite_resolv_conf(netconfig.resolv_conf_text(params))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except (OSError, ValueError) as e:  # one line on the job's stderr, never a traceback
+        print(f"vpn-provider: reconfiguring the worker's namespace: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
