@@ -1,0 +1,203 @@
+"""Running workers survive restarts and crashes of their gateway (issue 8), on the simulated site
+with the real ocserv, openconnect, slirp4netns and dnsmasq; every product process runs as the
+site's unprivileged user."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import VP, wait_until
+
+pytestmark = pytest.mark.site
+
+MODES = ("relay", "tunnel", "relay-only")
+RECOVERY_LIMIT = 5.0  # seconds after `gateway start` returns (the issue's promise)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+class Poller:
+    """A worker that looks up a name and fetches a page every second, printing
+    '<unix time> <dns ok|fail> <http ok|fail>'; its lines are collected with their times."""
+
+    def __init__(self, env, mode: str, ticket: Path):
+        name = env.http_url.split("//")[1].split("/")[0]
+        loop = (f"while :; do d=fail; h=fail; getent hosts {name} >/dev/null && d=ok; "
+                f"curl -s -m 2 -o /dev/null {env.http_url}/hello.txt && h=ok; "
+                "echo \"$(date +%s.%N) $d $h\"; sleep 1; done")
+        self.mode = mode
+        self.proc = env.site.popen_user(env.node, [VP, "exec", "--ticket", str(ticket), "--tcp", mode,
+                                                   "--", "sh", "-c", loop],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.polls: list[tuple[float, bool, bool]] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            stamp, dns, http = line.split()
+            self.polls.append((float(stamp), dns == "ok", http == "ok"))
+
+    def ok_since(self, since: float) -> float | None:
+        """Seconds from ``since`` to the first poll after it where both DNS and HTTP worked."""
+        for stamp, dns, http in list(self.polls):
+            if stamp > since and dns and http:
+                return stamp - since
+        return None
+
+    def cmd_alive(self) -> bool:
+        """CMD still runs as the very process we started: every step from `ip netns exec` to
+        `vpn-provider exec` execs the next, so CMD has our child's pid."""
+        return self.proc.poll() is None and _comm(self.proc.pid) == "sh"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def own_gateway(site_env):
+    """A gateway of this test's own (its own ports), so stopping it disturbs no other test."""
+    site = site_env.site
+    state = site.home / "gw-resilience"
+    args = ("--state-dir", str(state), "--listen", "0.0.0.0:9460")
+    (site_env.site.workdir / "www" / "hello.txt").write_text("hello\n")
+
+    def start():
+        done = site_env.vp(site.login, "gateway", "start", *args)
+        assert done.returncode == 0, done.stderr
+        return time.time()
+    start()
+    yield state, start
+    site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    assert site_env.leftovers() == set()
+
+
+def _gateway_pid(state: Path) -> int:
+    return int((state / "gateway.pid").read_text().split()[0])
+
+
+def _kill(env, state: Path, what: str) -> None:
+    supervisor = _gateway_pid(state)
+    if what == "stop":
+        done = env.vp(env.site.login, "gateway", "stop", "--state-dir", str(state))
+        assert done.returncode == 0, done.stderr
+    else:
+        family = {supervisor} | _descendants(supervisor)
+        victims = [p for p in family if p == supervisor] if what == "supervisor" else \
+            [p for p in family if _comm(p).startswith(what)]
+        assert victims, f"no {what} process among the gateway's {[(p, _comm(p)) for p in family]}"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    # Whatever died, the rest of the gateway follows it (parent-death signals, the supervisor's
+    # watch); only then can a new one start.
+    assert wait_until(lambda: not Path(f"/proc/{supervisor}").exists()
+                      or _comm(supervisor) in ("", "zombie"), 15), f"the gateway outlived its {what}"
+
+
+def test_running_workers_in_every_mode_survive_gateway_restarts_and_crashes(site_env, own_gateway):
+    state, start = own_gateway
+    ticket = state / "ticket.json"
+    workers = {mode: Poller(site_env, mode, ticket) for mode in MODES}
+    try:
+        for w in workers.values():
+            assert wait_until(lambda w=w: w.ok_since(0), 30), f"{w.mode}: never up: {w.stderr} {w.polls}"
+        assert all(w.cmd_alive() for w in workers.values())
+        measured: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for what in ("stop", "supervisor", "ocserv-main", "slirp4netns", "vpnp-gw-relay"):
+            _kill(site_env, state, what)
+            gone = time.time()
+            time.sleep(3.5)  # every worker notices, and polls a few times without a gateway
+            returned = start()
+            for mode, w in workers.items():  # meanwhile, polls failed at once: none hung
+                stamps = [t for t, _, _ in w.polls if gone + 1.0 < t < returned]
+                gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+                assert stamps and max(gaps, default=0) < 2.5, f"{mode} after {what}: polls hung: {stamps}"
+            for mode, w in workers.items():
+                assert wait_until(lambda w=w: w.ok_since(returned), RECOVERY_LIMIT + 2), \
+                    f"{mode} after {what}: no DNS+HTTP since start returned; polls {w.polls[-8:]}, stderr {w.stderr}"
+                took = w.ok_since(returned)
+                assert took <= RECOVERY_LIMIT, f"{mode} after {what}: took {took:.1f} s"
+                measured[mode].append(took)
+        for mode, w in workers.items():
+            assert w.cmd_alive(), f"{mode}: CMD ended or was replaced: {w.stderr}"
+        for mode in ("relay", "tunnel"):  # one line per drop and one per return, nothing else
+            lines = [ln for ln in workers[mode].stderr if ln.startswith("vpn-provider: tunnel")]
+            assert sum("lost" in ln for ln in lines) == 5 and sum("back via" in ln for ln in lines) == 5, lines
+        print("recovery after start returned (s):", {m: [round(t, 2) for t in v] for m, v in measured.items()})
+    finally:
+        for w in workers.values():
+            w.stop()
+
+
+def test_a_worker_whose_gateway_never_returns_ends_loudly(site_env, own_gateway):
+    """--reconnect-timeout: without a gateway for that long, CMD gets SIGTERM and says why."""
+    state, _ = own_gateway
+    done = {}
+
+    def run():
+        done["r"] = site_env.exec_("sleep", "120", ticket=state / "ticket.json",
+                                   extra=("--tcp", "tunnel", "--reconnect-timeout", "3"), timeout=90)
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert wait_until(lambda: any(_comm(p) == "sleep" for p in site_env.site.user_pids()), 20)
+    _kill(site_env, state, "stop")
+    started = time.monotonic()
+    runner.join(60)
+    assert not runner.is_alive()
+    r = done["r"]
+    assert r.returncode == 128 + signal.SIGTERM or r.returncode == -signal.SIGTERM, (r.returncode, r.stderr)
+    assert "no gateway took the tunnel back within 3 s" in r.stderr, r.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_a_transfer_through_the_tunnel_fails_soon_after_the_gateway_goes(site_env, own_gateway):
+    """No hang: the keeper resets the tunnel's TCP connections when the tunnel drops."""
+    state, _ = own_gateway
+    proc = site_env.site.popen_user(site_env.node, [
+        VP, "exec", "--ticket", str(state / "ticket.json"), "--tcp", "tunnel", "--",
+        "curl", "-sS", "--limit-rate", "2M", "-o", "/dev/null", f"{site_env.http_url}/big.bin"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: any(_comm(p) == "curl" for p in site_env.site.user_pids()), 20)
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()
+        _kill(site_env, state, "stop")
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=40)
+        assert time.monotonic() - stopped < 30
+        assert proc.returncode != 0, "a cut transfer looked complete"
+        assert "tunnel to" in err and "lost" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
