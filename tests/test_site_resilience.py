@@ -13,75 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import VP, wait_until
+from polling import Poller, comm, descendants
 
 pytestmark = pytest.mark.site
 
 MODES = ("relay", "tunnel", "relay-only")
 RECOVERY_LIMIT = 5.0  # seconds after `gateway start` returns (the issue's promise)
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-class Poller:
-    """A worker that looks up a name and fetches a page every second, printing
-    '<unix time> <dns ok|fail> <http ok|fail>'; its lines are collected with their times."""
-
-    def __init__(self, env, mode: str, ticket: Path):
-        name = env.http_url.split("//")[1].split("/")[0]
-        loop = (f"while :; do d=fail; h=fail; getent hosts {name} >/dev/null && d=ok; "
-                f"curl -s -m 2 -o /dev/null {env.http_url}/hello.txt && h=ok; "
-                "echo \"$(date +%s.%N) $d $h\"; sleep 1; done")
-        self.mode = mode
-        self.proc = env.site.popen_user(env.node, [VP, "exec", "--ticket", str(ticket), "--tcp", mode,
-                                                   "--", "sh", "-c", loop],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.polls: list[tuple[float, bool, bool]] = []
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-
-    def _read_stdout(self) -> None:
-        for line in self.proc.stdout:
-            stamp, dns, http = line.split()
-            self.polls.append((float(stamp), dns == "ok", http == "ok"))
-
-    def ok_since(self, since: float) -> float | None:
-        """Seconds from ``since`` to the first poll after it where both DNS and HTTP worked."""
-        for stamp, dns, http in list(self.polls):
-            if stamp > since and dns and http:
-                return stamp - since
-        return None
-
-    def cmd_alive(self) -> bool:
-        """CMD still runs as the very process we started: every step from `ip netns exec` to
-        `vpn-provider exec` execs the next, so CMD has our child's pid."""
-        return self.proc.poll() is None and _comm(self.proc.pid) == "sh"
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -112,22 +49,22 @@ def _kill(env, state: Path, what: str) -> None:
         done = env.vp(env.site.login, "gateway", "stop", "--state-dir", str(state))
         assert done.returncode == 0, done.stderr
     else:
-        family = {supervisor} | _descendants(supervisor)
+        family = {supervisor} | descendants(supervisor)
         victims = [p for p in family if p == supervisor] if what == "supervisor" else \
-            [p for p in family if _comm(p).startswith(what)]
-        assert victims, f"no {what} process among the gateway's {[(p, _comm(p)) for p in family]}"
+            [p for p in family if comm(p).startswith(what)]
+        assert victims, f"no {what} process among the gateway's {[(p, comm(p)) for p in family]}"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
     # Whatever died, the rest of the gateway follows it (parent-death signals, the supervisor's
     # watch); only then can a new one start.
     assert wait_until(lambda: not Path(f"/proc/{supervisor}").exists()
-                      or _comm(supervisor) in ("", "zombie"), 15), f"the gateway outlived its {what}"
+                      or comm(supervisor) in ("", "zombie"), 15), f"the gateway outlived its {what}"
 
 
 def test_running_workers_in_every_mode_survive_gateway_restarts_and_crashes(site_env, own_gateway):
     state, start = own_gateway
     ticket = state / "ticket.json"
-    workers = {mode: Poller(site_env, mode, ticket) for mode in MODES}
+    workers = {mode: Poller(site_env.site, site_env.node, ticket, mode, site_env.http_url) for mode in MODES}
     try:
         for w in workers.values():
             assert wait_until(lambda w=w: w.ok_since(0), 30), f"{w.mode}: never up: {w.stderr} {w.polls}"
@@ -169,7 +106,7 @@ def test_a_worker_whose_gateway_never_returns_ends_loudly(site_env, own_gateway)
                                    extra=("--tcp", "tunnel", "--reconnect-timeout", "3"), timeout=90)
     runner = threading.Thread(target=run)
     runner.start()
-    assert wait_until(lambda: any(_comm(p) == "sleep" for p in site_env.site.user_pids()), 20)
+    assert wait_until(lambda: any(comm(p) == "sleep" for p in site_env.site.user_pids()), 20)
     _kill(site_env, state, "stop")
     started = time.monotonic()
     runner.join(60)
@@ -188,7 +125,7 @@ def test_a_transfer_through_the_tunnel_fails_soon_after_the_gateway_goes(site_en
         "curl", "-sS", "--limit-rate", "2M", "-o", "/dev/null", f"{site_env.http_url}/big.bin"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: any(_comm(p) == "curl" for p in site_env.site.user_pids()), 20)
+        assert wait_until(lambda: any(comm(p) == "curl" for p in site_env.site.user_pids()), 20)
         time.sleep(2)
         assert proc.poll() is None, proc.communicate()
         _kill(site_env, state, "stop")

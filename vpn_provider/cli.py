@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "so space two gateways' ports by two)")
             a.add_argument("--no-relay", dest="relay", action="store_false",
                            help="no relay: workers' TCP goes through the encrypted tunnel too")
+            a.add_argument("--credentials", type=Path, default=None,
+                           help="directory of credentials shared by several gateways, whose ticket.json "
+                                "names them all (default: the state dir)")
             a.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     ex = sub.add_parser("exec", help="run CMD inside the VPN (on a compute node)")
@@ -120,7 +123,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
                          dns=args.dns, pool=args.pool, egress=args.egress,
                          advertise=tuple(args.advertise), mtu=args.mtu, relay=args.relay,
-                         relay_port=args.relay_port)
+                         relay_port=args.relay_port,
+                         credentials_dir=args.credentials.expanduser().resolve() if args.credentials else None)
 
 
 def _gateway(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ class GatewayConfig:
     mtu: int = 1400
     relay: bool = True  # the TCP relay beside the tunnel (see vpn_provider.relay)
     relay_port: int = 0  # 0: the listen port + 1
+    #: Shared by every gateway that should be in one ticket (see registry.py); None: state_dir.
+    credentials_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.egress not in CHOICES:
@@ -47,6 +49,14 @@ class GatewayConfig:
         return Endpoint(self.listen.host, self.relay_port or default)
 
     @property
+    def credentials(self) -> Path:
+        return self.credentials_dir or self.state_dir
+
+    @property
+    def ticket_path(self) -> Path:
+        return self.credentials / "ticket.json"
+
+    @property
     def run_dir(self) -> Path:
         return self.state_dir / "run"
 
@@ -59,6 +69,8 @@ class GatewayConfig:
         args += ["--relay-port", str(self.relay_endpoint.port)] if self.relay else ["--no-relay"]
         for a in self.advertise:
             args += ["--advertise", str(a)]
+        if self.credentials_dir:
+            args += ["--credentials", str(self.credentials_dir)]
         return args
 
 

@@ -32,7 +32,9 @@ class Gateway:
     """
 
     def __init__(self, config: GatewayConfig, *, start_timeout: float = 30.0):
-        self.config = dataclasses.replace(config, state_dir=config.state_dir.expanduser().resolve())
+        self.config = dataclasses.replace(
+            config, state_dir=config.state_dir.expanduser().resolve(),
+            credentials_dir=config.credentials_dir.expanduser().resolve() if config.credentials_dir else None)
         self.start_timeout = start_timeout
 
     @property
@@ -41,7 +43,7 @@ class Gateway:
 
     @property
     def ticket_path(self) -> Path:
-        return self.state_dir / "ticket.json"
+        return self.config.ticket_path
 
     @property
     def ticket(self) -> Ticket:

@@ -26,6 +26,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,7 +57,14 @@
 
 enum { STATUS_OK = 0 };
 
-static struct sockaddr_in relay_addr;
+/* The relays of every gateway in the ticket, the one in use first; a flow that cannot reach the
+ * one in use tries the others (its gateway died), and the rest of the job follows it there. */
+#define MAX_RELAYS 64
+#define FAILOVER_CONNECT_TIMEOUT_MS 3000
+static struct sockaddr_in relay_addrs[MAX_RELAYS];
+static int n_relays;
+static atomic_int relay_in_use;
+#define relay_addr (relay_addrs[atomic_load(&relay_in_use)])
 static uint8_t key[SHA256_SIZE];
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -95,22 +103,58 @@ static void say(const char *fmt, ...)
     (void)ignored;
 }
 
+/* SO_LINGER {on, 0}: every close, the kernel's when we die included, sends a reset. A relayed
+ * flow's two sockets carry it for the flow's whole life (from accept, from the relay's answer),
+ * so SIGKILL, or the SIGTERM of our parent's death, resets every flow instead of ending it with
+ * a FIN that reads as a clean end of stream. Only a flow that ended cleanly both ways clears it
+ * (pump), so what is still queued gets delivered. */
+static void set_linger(int fd, int on)
+{
+    struct linger l = {on, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+}
+
 static void reset_close(int fd)
 {
-    struct linger l = {1, 0};  /* close with RST: the peer must see a failure, not an end */
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    set_linger(fd, 1);  /* close with RST: the peer must see a failure, not an end */
     close(fd);
 }
 
-static void tune(int fd)
+/* The link to the gateway's relay: a flow whose link died must end, with a reset to the
+ * application, well within a minute. Idle, keepalives find a dead peer in 15 + 3 x 5 = 30 s;
+ * with data unacknowledged they stay silent and retransmissions would go on for ~15 minutes
+ * (tcp_retries2), so TCP_USER_TIMEOUT ends it after 30 s without an ACK (paced: see
+ * pace_user_timeout). The application's socket is loopback: the gentler keepalives do there. */
+#define LINK_USER_TIMEOUT_MS 30000
+#define WATCH_MS 5000              /* how often a link with data on its way is looked at */
+#define TCP_INFO_SND_WND 228       /* offset of tcpi_snd_wnd in struct tcp_info (Linux >= 5.4) */
+
+/* The peer's receive window as last advertised, or -1 if this kernel does not say. */
+static long peer_window(int fd)
 {
-    int on = 1, idle = 60, intvl = 10, cnt = 6;  /* a vanished peer is found within ~2 min */
+    uint8_t info[TCP_INFO_SND_WND + 4];
+    socklen_t len = sizeof info;
+    uint32_t wnd;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) < 0 || len < sizeof info)
+        return -1;
+    memcpy(&wnd, info + TCP_INFO_SND_WND, sizeof wnd);
+    return (long)wnd;
+}
+
+/* 1 if a user timeout was set (the kernel shows the peer's window, so it can be paced). */
+static int tune(int fd, int link)
+{
+    int on = 1, idle = link ? 15 : 60, intvl = link ? 5 : 10, cnt = link ? 3 : 6;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);  /* XRootD's small requests */
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
     setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  /* urgent data: see step() */
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+    int ms = LINK_USER_TIMEOUT_MS;
+    /* Without the peer's window a paused reader cannot be told from a dead link: no user timeout
+     * then, rather than abort live flows (the kernel's own limits still apply). */
+    return link && peer_window(fd) >= 0 && setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms) == 0;
 }
 
 static void set_timeouts(int fd, int seconds)
@@ -193,11 +237,16 @@ static int open_flow(char verb, struct in_addr dest_ip, uint16_t dest_port, int 
         *why = strerror(errno);
         return -1;
     }
-    if (connect_with_timeout(fd, &relay_addr, CONNECT_TIMEOUT_MS) < 0) {
+    int first = atomic_load(&relay_in_use), i = first, tried = 0;
+    while (connect_with_timeout(fd, &relay_addrs[i], n_relays > 1 ? FAILOVER_CONNECT_TIMEOUT_MS : CONNECT_TIMEOUT_MS) < 0) {
         *why = strerror(errno);
         close(fd);
-        return -1;
+        if (++tried == n_relays || (fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+            return -1;
+        i = (i + 1) % n_relays;
     }
+    if (i != first)
+        gateway_in_use(i);
     set_timeouts(fd, ANSWER_TIMEOUT_S);
     uint8_t hello[sizeof MAGIC - 1 + NONCE], answer[NONCE + SHA256_SIZE], mac[SHA256_SIZE];
     uint8_t signed_part[1 + 2 * NONCE + REQUEST], proof[SHA256_SIZE + REQUEST], st;
@@ -303,11 +352,35 @@ static int step(struct direction *d)
     return moved;
 }
 
-/* Pump until both directions have ended; consumes both sockets. */
-static void pump(int a, int b)
+/* TCP_USER_TIMEOUT also aborts a live peer that keeps its window shut that long (the kernel
+ * counts its zero-window probes as unanswered; measured on 6.18): a reader on the far side that
+ * pauses for 30 s would lose its flow. So while the peer's window is 0 the user timeout is off,
+ * and on again once it opens. A dead link shows the last window the peer advertised, open
+ * unless the far reader had paused, and the user timeout ends the flow. */
+static void pace_user_timeout(int fd, int *off)
+{
+    long wnd = peer_window(fd);
+    if (wnd < 0 || (wnd == 0) == *off)
+        return;
+    int ms = wnd == 0 ? 0 : LINK_USER_TIMEOUT_MS;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms) == 0)
+        *off = wnd == 0;
+}
+
+static long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+    return (long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Pump until both directions have ended; consumes both sockets. `paced` (a or b, or -1) is the
+ * link socket whose user timeout follows its peer's window. */
+static void pump(int a, int b, int paced)
 {
     struct direction dirs[2] = {{a, b, -1, -1, 0, 0, 0}, {b, a, -1, -1, 0, 0, 0}};
-    int failed = 0;
+    int failed = 0, window_shut = 0;
+    long next_pace = 0;
     if (pipe_for(&dirs[0]) < 0 || pipe_for(&dirs[1]) < 0) {
         failed = 1;
         goto done;
@@ -316,6 +389,10 @@ static void pump(int a, int b)
     fcntl(b, F_SETFL, fcntl(b, F_GETFL) | O_NONBLOCK);
     int hung_up[2] = {0, 0};
     while (!(dirs[0].shut && dirs[1].shut)) {
+        if (paced >= 0 && now_ms() >= next_pace) {
+            pace_user_timeout(paced, &window_shut);
+            next_pace = now_ms() + WATCH_MS;
+        }
         int moved = 0;
         for (int i = 0; i < 2; i++) {
             int r = step(&dirs[i]);
@@ -340,7 +417,12 @@ static void pump(int a, int b)
         for (int i = 0; i < 2; i++)
             if (!p[i].events && hung_up[i])
                 p[i].fd = -1;
-        if (poll(p, 2, -1) < 0 && errno != EINTR) {
+        /* Data on its way over the link (TIOCOUTQ is SIOCOUTQ): its peer's window may shut while
+         * we wait, so wake up to pace the user timeout. An idle flow sleeps. */
+        int queued = 0, wait = -1;
+        if (paced >= 0 && ioctl(paced, TIOCOUTQ, &queued) == 0 && queued > 0)
+            wait = WATCH_MS;
+        if (poll(p, 2, wait) < 0 && errno != EINTR) {
             failed = 1;
             goto done;
         }
@@ -363,7 +445,9 @@ done:
     if (failed) {
         reset_close(a);
         reset_close(b);
-    } else {
+    } else {  /* both directions ended cleanly: deliver what is queued (the FINs are sent) */
+        set_linger(a, 0);
+        set_linger(b, 0);
         close(a);
         close(b);
     }
@@ -405,9 +489,9 @@ static void relay_tcp(struct job *j)
         reset_close(j->fd);
         return;
     }
-    tune(j->fd);
-    tune(out);
-    pump(j->fd, out);
+    set_linger(out, 1);  /* from here on our death resets the flow at the gateway too */
+    tune(j->fd, 0);
+    pump(j->fd, out, tune(out, 1) ? out : -1);
 }
 
 /* The largest UDP answer the asker takes: 512, or what its EDNS OPT record says (RFC 6891). */
@@ -558,6 +642,7 @@ static void accept_one(int listener, char verb)
             usleep(50 * 1000);  /* breathe, go on */
         return;
     }
+    set_linger(fd, 1);  /* if we die from here on, the application sees a reset, never an end */
     struct job *j = calloc(1, sizeof *j);
     if (!j) {
         reset_close(fd);
@@ -612,16 +697,30 @@ static void serve(int tcp, int udp, int dns_tcp)
 
 /* ---- set-up over the control socket -------------------------------------------------- */
 
+void gateway_in_use(int index)
+{
+    if (index >= 0 && index < n_relays)
+        atomic_store(&relay_in_use, index);
+}
+
+/* "IP[,IP...] PORT KEYHEX": the gateways' relays (every one on PORT), the one to use first. */
 static int parse_setup(char *msg)
 {
-    char host[64], hex[2 * SHA256_SIZE + 1] = "";
+    char hosts[MAX_RELAYS * 16 + 1], hex[2 * SHA256_SIZE + 1] = "";
     unsigned port;
     int rc = -1;
-    if (sscanf(msg, "%63s %u %64s", host, &port, hex) != 3 || port == 0 || port > 65535
-        || strlen(hex) != 2 * SHA256_SIZE || inet_pton(AF_INET, host, &relay_addr.sin_addr) != 1)
+    if (sscanf(msg, "%1024s %u %64s", hosts, &port, hex) != 3 || port == 0 || port > 65535
+        || strlen(hex) != 2 * SHA256_SIZE)
         goto out;
-    relay_addr.sin_family = AF_INET;
-    relay_addr.sin_port = htons((uint16_t)port);
+    n_relays = 0;
+    for (char *save = NULL, *host = strtok_r(hosts, ",", &save); host; host = strtok_r(NULL, ",", &save)) {
+        if (n_relays == MAX_RELAYS || inet_pton(AF_INET, host, &relay_addrs[n_relays].sin_addr) != 1)
+            goto out;
+        relay_addrs[n_relays].sin_family = AF_INET;
+        relay_addrs[n_relays++].sin_port = htons((uint16_t)port);
+    }
+    if (!n_relays)
+        goto out;
     for (int i = 0; i < SHA256_SIZE; i++) {
         unsigned byte;
         if (sscanf(hex + 2 * i, "%2x", &byte) != 1)

@@ -395,6 +395,7 @@ static pid_t take_back(int *current, const char *lost_why)
             free(buf);
             if (ok) {
                 *current = next;
+                gateway_in_use(next);
                 announce("tunnel back via %.*s after %.1f s", (int)strcspn(host_of(g), "/"), host_of(g),
                          now_s() - lost_at);
                 return pid;

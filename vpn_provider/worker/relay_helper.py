@@ -6,7 +6,8 @@ The helper is forked while ``exec`` is still in the node's network namespace, so
 the gateway are the node's own; then it execs the native binary, which costs the worker about
 1 MB for as long as the job runs. Messages on the control socket (SOCK_SEQPACKET):
 
-    exec -> helper   "HOST PORT KEYHEX"        check the relay (answer: "OK" | "NO reason")
+    exec -> helper   "IP[,IP..] PORT KEYHEX"   check the relay (answer: "OK" | "NO reason"); the
+                                              other gateways' relays are for when its gateway dies
     exec -> helper   "T" ... + 5 fds           keep the tunnel (answer: "UP" NUL env | "DOWN why")
     exec -> helper   "L" + up to 3 fds         the namespace's sockets for the relay to serve
 """
@@ -59,12 +60,13 @@ class KeeperSpec:
 
 
 class RelayHelper:
-    """The node's helper process. ``relay``/``key``: the relay to check and use (None: tunnel only)."""
+    """The node's helper process. ``relay``/``key``: the relay to check and use (None: tunnel
+    only); ``alternatives``: the other gateways' relays, on the same port, for when it dies."""
 
-    def __init__(self, relay: Endpoint | None, key: bytes | None):
+    def __init__(self, relay: Endpoint | None, key: bytes | None, *, alternatives: tuple[Endpoint, ...] = ()):
         self.relay = relay
         binary = helper_binary()
-        address = ipv4_of(relay) if relay else ""
+        addresses = ",".join(ipv4_of(r) for r in (relay, *alternatives)) if relay else ""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
         if self.pid == 0:
@@ -75,7 +77,7 @@ class RelayHelper:
         self._stash: list[bytes] = []
         if relay and key:
             # The key travels on the socketpair: never in argv or in an environment.
-            self._ctl.send(f"{address} {relay.port} {key.hex()}".encode())
+            self._ctl.send(f"{addresses} {relay.port} {key.hex()}".encode())
 
     def _await(self, tags: tuple[bytes, ...], timeout: float) -> bytes | None:
         """The next message that starts with one of ``tags`` (others are kept for later);

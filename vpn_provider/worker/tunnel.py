@@ -135,12 +135,15 @@ class Tunnel:
         argv = self.openconnect_argv()
         chosen = pick_endpoint(self.ticket.gateways, max(0.1, deadline - time.monotonic() - 1.0))
         self.endpoint = chosen or self.ticket.gateways[0]  # none answered: openconnect says why
+        gateways = _first_then_rest(self.endpoint, self.ticket.gateways)
         relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
-        spec = KeeperSpec(openconnect_argv=tuple(argv), gateways=_first_then_rest(self.endpoint, self.ticket.gateways),
+        spec = KeeperSpec(openconnect_argv=tuple(argv), gateways=gateways,
                           secret=self.ticket.secret, tcp_mode=self.tcp, give_up_after=self.reconnect_timeout,
                           attempt_timeout=self.timeout, log_is_scratch=self.log_file is None, preload=shim)
         # Forked first, before any descriptor below exists, so it holds none of them open.
-        helper = RelayHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None)
+        # The relay list in the keeper's order: when the keeper moves, the relay follows.
+        helper = RelayHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None,
+                             alternatives=tuple(self.ticket.relay(g) for g in gateways[1:]) if relay_endpoint else ())
         self.helper = helper
         with _undone_on_failure(self.kill_helper):
             try:
@@ -181,7 +184,8 @@ class Tunnel:
         candidates = tuple(self.ticket.relay(g) for g in hosts) + hosts
         chosen = pick_endpoint(candidates, max(0.1, deadline - time.monotonic() - 1.0))
         self.endpoint = hosts[candidates.index(chosen) % len(hosts)] if chosen else hosts[0]
-        relay = RelayHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret))
+        relay = RelayHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret),
+                            alternatives=tuple(self.ticket.relay(g) for g in hosts if g != self.endpoint))
         self.helper = relay
         with _undone_on_failure(relay.abandon):
             _enter_worker_namespace()

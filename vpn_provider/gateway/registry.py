@@ -1,0 +1,75 @@
+"""Several gateways, one ticket: gateways that share a credentials directory.
+
+A site outgrows one login node by running a gateway on several (or on a data-transfer node).
+They share one set of credentials, in a directory every one of them can read, typically on the
+shared home filesystem (``gateway start --credentials DIR``):
+
+    DIR/server.pem, server-key.pem, ca*.pem   one server key, so one certificate pin
+    DIR/client-secret, ocpasswd               one client secret
+    DIR/gateways.d/<name>.json                each gateway's advertised addresses and relay port
+    DIR/ticket.json                           names every registered gateway
+
+Whoever starts first creates the credentials; the others adopt them. Every start registers the
+gateway and rewrites the ticket with all of them, under an flock on DIR/gateways.lock. A stop
+keeps the entry: a worker that finds a gateway down moves on to another at once, and a
+restarted gateway is back in every ticket already handed out. Remove its file from gateways.d
+to retire a gateway for good.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+from ..errors import GatewayError
+from ..ticket import Endpoint
+
+_ENTRIES = "gateways.d"
+
+
+@contextlib.contextmanager
+def locked(cred_dir: Path):
+    """Exclusive use of the credentials directory (creating credentials, rewriting the ticket)."""
+    cred_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(cred_dir / "gateways.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def entry_name(state_dir: Path) -> str:
+    """One entry per gateway: its host and its state dir."""
+    return f"{socket.gethostname()}-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]}"
+
+
+def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_port: int) -> tuple[Endpoint, ...]:
+    """Record this gateway; return every registered gateway's addresses, this one's first.
+    Call with ``locked(cred_dir)`` held."""
+    entries = cred_dir / _ENTRIES
+    entries.mkdir(mode=0o700, exist_ok=True)
+    others: list[Endpoint] = []
+    for path in sorted(entries.glob("*.json")):
+        if path.stem == name:
+            continue
+        try:
+            data = json.loads(path.read_text())
+            theirs = tuple(Endpoint.parse(g) for g in data["gateways"])
+            their_relay = int(data["relay_port"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GatewayError(f"unreadable gateway entry {path}: {e}", "remove it if that gateway is gone") from None
+        if their_relay != relay_port:
+            # One ticket has one relay port: every gateway in it must use the same.
+            raise GatewayError(f"the gateway in {path} uses relay port {their_relay or 'none'}, this one "
+                               f"{relay_port or 'none'}", "give every gateway sharing credentials the same "
+                               "--relay-port (and all or none --no-relay)")
+        others += theirs
+    tmp = entries / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"gateways": [str(e) for e in endpoints], "relay_port": relay_port}) + "\n")
+    os.replace(tmp, entries / f"{name}.json")
+    return tuple(dict.fromkeys((*endpoints, *others)))
