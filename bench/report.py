@@ -28,6 +28,8 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     for path, label in (("ours", "default"), ("ours-relay-only", "relay-only")):
         rss = results.get("memory", {}).get(f"{path}_worker_tunnel_mb")
         add(f"one worker's tunnel processes ({label}): <= 7.5 MB RSS", rss, "{:.1f} MB", lambda v: v <= 7.5)
+    for path, v in results.get("recovery_s", {}).items():
+        add(f"recovery after a gateway restart ({path}): <= 5 s", max(v["runs"]), "{:.2f} s (worst)", lambda v: v <= 5)
     cpu = {p: results["runs"].get("1gbit", {}).get(p, {}).get("cpu_s_per_gb") for p in ("ours", "prototype")}
     cpu_ratio = cpu["ours"] / cpu["prototype"] if cpu["ours"] and cpu["prototype"] else None
     add("CPU per GB: <= 1/3 of the prototype's", cpu_ratio, "{:.2f} of it", lambda v: v <= 1 / 3)
@@ -68,6 +70,15 @@ def table(results: dict) -> str:
         parts = mem.get("gateway_16_clients_by_process_mb", {})
         lines.append(f"gateway with 16 clients, RSS: {mem['gateway_16_clients_mb']:.0f} MB ("
                      + ", ".join(f"{name} {mb:.1f}" for name, mb in parts.items()) + ")")
+    recovery = results.get("recovery_s", {})
+    if recovery:
+        lines.append("\nrecovery after a gateway restart, seconds from `gateway start` returning to DNS+HTTP "
+                     "working (median, max): "
+                     + "; ".join(f"{p} {v['median']:.2f}, {max(v['runs']):.2f}" for p, v in recovery.items()))
+    for path, b in results.get("bursts", {}).items():
+        lines.append(f"burst of {b['workers']} {path} workers over {b['nodes']} node(s): all running after "
+                     f"{b['all_running_s']:.1f} s (median {b['median_s']:.1f} s); gateway RSS {b['gateway_mb']:.0f} MB ("
+                     + ", ".join(f"{name} {mb:.1f}" for name, mb in b["gateway_by_process_mb"].items()) + ")")
     lines.append("\ntargets:")
     for name, value, ok in targets(results):
         lines.append(f"  {'met' if ok else '-' if ok is None else 'NOT met':<8} {name:<60} {value}")

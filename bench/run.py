@@ -3,6 +3,7 @@ configuration, with the node<->login link capped at 1 Gbit/s (tbf) and uncapped.
 
     python -m bench.run [--smoke] [--out bench/results]      (as root)
 
+Also: recovery after gateway restarts, and bursts of workers (bench/resilience.py).
 Prints a table, writes results.json and throughput.png. Targets are reported, not asserted.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from pyroute2 import NetNS
 
 from vpn_provider.sim import data, services
+
+from . import resilience
 from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Site
 
 BIN = Path(sys.executable).parent
@@ -41,6 +44,7 @@ class Bench:
         self.node = site.nodes[0]
         self.home = site.home
         self._proto_gw: subprocess.Popen | None = None
+        self.vp = VP
         ticket = self.home / "gw" / "ticket.json"
         #: paths that run `vpn-provider exec`: name -> (ticket, extra exec options)
         self.exec_paths: dict[str, tuple[Path, list[str]]] = {
@@ -52,7 +56,9 @@ class Bench:
         site = self.site
         docroot = services.docroot(site)
         data.random_file(docroot / "large.bin", self.args.file_mb)
+        (docroot / "hello.txt").write_text("hello\n")
         services.start_dns(site)
+        services.start_http(site, docroot)
         services.start_xrootd(site, docroot)
         self._next_port = IPERF_BASE_PORT
         up = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(self.home / "gw")])
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args.workers = [1, 2] if args.smoke else [1, 2, 4, 8, 16]
     args.file_mb = 50 if args.smoke else 500
     args.latency_runs = 3 if args.smoke else 20
+    args.restarts = 1 if args.smoke else 5
+    args.burst_default, args.burst_relay_only = (8, 16) if args.smoke else (64, 256)
     caps = {"1gbit": "1gbit"} if args.smoke else {"1gbit": "1gbit", "uncapped": None}
     if os.geteuid() != 0:
         print("bench: run as root; it builds the simulated site", file=sys.stderr)
@@ -298,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod("/dev/net/tun", 0o666)
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "runs": {}}
     try:
-        with Site(nodes=1) as site:
+        with Site(nodes=4) as site:  # four for the relay-only burst; the rest uses node0
             bench = Bench(site, args)
             try:
                 bench.setup()
@@ -322,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
                 results["exec_to_cmd_s"] = {p: {"median": median(v), "p90": v[int(0.9 * (len(v) - 1))]}
                                             for p, v in latency.items()}
                 results["memory"] = bench.memory()
+                results["recovery_s"] = {}
+                for path in bench.exec_paths:
+                    runs = resilience.recovery_s(bench, path, args.restarts)
+                    results["recovery_s"][path] = {"runs": runs, "median": median(runs)}
+                    print(f"recovery {path:>15}: {', '.join(f'{r:.2f}' for r in runs)} s", flush=True)
+                results["bursts"] = {"ours": resilience.burst(bench, "ours", args.burst_default, 1),
+                                     "ours-relay-only": resilience.burst(bench, "ours-relay-only",
+                                                                         args.burst_relay_only // 4, 4)}
             finally:
                 bench.close()
     finally:

@@ -24,4 +24,8 @@ def test_benchmark_smoke_run_writes_table_json_and_plot(tmp_path):
     assert results["exec_to_cmd_s"]["ours"]["median"] > 0
     assert results["memory"]["ours_worker_tunnel_mb"] > 0
     assert 0 < results["memory"]["ours-relay-only_worker_tunnel_mb"] < results["memory"]["ours_worker_tunnel_mb"]
+    for path in ("ours", "ours-tunnel", "ours-relay-only"):
+        assert 0 < results["recovery_s"][path]["median"] < 60
+    assert results["bursts"]["ours"]["workers"] == 8 and results["bursts"]["ours"]["gateway_mb"] > 0
+    assert results["bursts"]["ours-relay-only"]["nodes"] == 4
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
