@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import egress, proc
 from ..errors import GatewayError, VPNError
 from ..ticket import Endpoint, Ticket
-from . import ocserv_conf
+from . import ocserv_conf, registry
 from .config import GatewayConfig, host_resolvers
 from .credentials import ensure_credentials, pin_of
 from .namespace import GatewayNamespace
@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def host_addresses() -> list[str]:
-    """This host's non-loopback IPv4 addresses."""
+    """This host's non-loopback IPv4 addresses, each once, in the kernel's order."""
     from pyroute2 import IPRoute  # noqa: PLC0415
     with IPRoute() as ipr:
         addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
-    return [a for a in addrs if a and not a.startswith("127.")]
+    # One address may sit on several interfaces; a second UDP forward for it could not bind.
+    return list(dict.fromkeys(a for a in addrs if a and not a.startswith("127.")))
 
 
 def advertised_endpoints(cfg: GatewayConfig, hosts: list[str]) -> tuple[Endpoint, ...]:
@@ -90,7 +91,8 @@ class Supervisor:
         cfg.run_dir.mkdir(mode=0o700, exist_ok=True)
         hosts = host_addresses()
         endpoints = advertised_endpoints(cfg, hosts)
-        creds = ensure_credentials(cfg.state_dir, [e.host for e in endpoints])
+        with registry.locked(cfg.credentials):  # another gateway may be creating them right now
+            creds = ensure_credentials(cfg.credentials, [e.host for e in endpoints])
         backend = egress.select(cfg.egress)
         dns = cfg.dns or tuple(host_resolvers()) or (
             (backend.dns_forwarder,) if backend.dns_forwarder else ())
@@ -118,9 +120,12 @@ class Supervisor:
                                       resolvers=relay_resolvers)
             self.relay.start()
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
-        ticket = Ticket(gateways=endpoints, pin=creds.pin, user=creds.user, secret=creds.secret,
-                        relay_port=cfg.relay_endpoint.port if cfg.relay else 0)
-        ticket.save(cfg.state_dir / "ticket.json")
+        relay_port = cfg.relay_endpoint.port if cfg.relay else 0
+        with registry.locked(cfg.credentials):
+            every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)
+            ticket = Ticket(gateways=every_gateway, pin=creds.pin, user=creds.user, secret=creds.secret,
+                            relay_port=relay_port)
+            ticket.save(cfg.ticket_path)
         log.info("gateway up on %s (egress %s, dns %s)", cfg.listen, backend.name, ",".join(dns))
         return ticket
 
@@ -183,7 +188,7 @@ def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
         ticket = sup.bring_up()
         pidfile.write_text(f"{os.getpid()}\n")
         ready.send("READY " + json.dumps({"gateways": [str(g) for g in ticket.gateways],
-                                          "ticket": str(cfg.state_dir / "ticket.json")}))
+                                          "ticket": str(cfg.ticket_path)}))
         return sup.serve()
     except VPNError as e:
         ready.send(f"ERROR {e}")
@@ -240,13 +245,47 @@ def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001
 
 
 def read_pid(state_dir: Path) -> int:
-    """PID of the live gateway supervisor for ``state_dir``, or 0."""
+    """PID of the live gateway supervisor for ``state_dir``, or 0. Without a pid file (the
+    state dir was deleted or unmounted under it), look for it among this user's processes."""
     try:
         pid = int((state_dir / "gateway.pid").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError, IndexError):
-        return 0
+        pid = 0
     # Guard against a recycled pid: it must be a gateway run for this very state dir.
-    if b"run" in cmdline and str(state_dir).encode() in cmdline:
+    if pid and _runs_gateway_for(pid, state_dir):
         return pid
-    return 0
+    return _find_supervisor(state_dir)
+
+
+def _find_supervisor(state_dir: Path) -> int:
+    """The oldest of this user's processes that runs a gateway for ``state_dir``, or 0."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():  # a second `run` must not find itself
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            start = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _runs_gateway_for(int(entry), state_dir):
+            found.append((start, int(entry)))
+    return min(found)[1] if found else 0
+
+
+def _runs_gateway_for(pid: int, state_dir: Path) -> bool:
+    """Whether ``pid`` runs ``... gateway run ... --state-dir STATE_DIR ...``."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="surrogateescape").split("\0")
+    except OSError:
+        return False
+    if not any(args[i:i + 2] == ["gateway", "run"] for i in range(len(args))):
+        return False
+    values = [b for a, b in zip(args, args[1:]) if a == "--state-dir"]
+    values += [a.removeprefix("--state-dir=") for a in args if a.startswith("--state-dir=")]
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")  # a relative --state-dir is relative to it
+    except OSError:
+        cwd = ""
+    return any(Path(os.path.normpath(os.path.join(cwd, os.path.expanduser(v)))) == state_dir for v in values)

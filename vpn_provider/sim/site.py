@@ -1,8 +1,14 @@
 """A simulated HPC site built from network namespaces (needs root; the product never does).
 
-    internet (DNS, HTTP, XRootD) --- login (gateway) --- node0..N (compute, no route out)
+    internet (DNS, HTTP, XRootD)          198.18.10.1
+        |  upstream bridge                198.18.10.0/24
+    login0 [login1]                       198.18.10.(2+j) up, 198.19.20.(1+j) on the LAN
+        |  LAN bridge                     198.19.20.0/24
+    node0..N (compute, no route out)      198.19.20.(10+i)
 
-The login host routes to the internet host; compute nodes reach only the login host. Every
+As on a real cluster, the login hosts and the compute nodes share one LAN, so nodes reach
+each other and every login host; only the login hosts route to the internet host. Both bridges
+live in the site's own "switch" namespace, so the root namespace is never touched. Every
 product process is run as a throwaway unprivileged user created for this site. Names are
 unique per site, and ``close()`` removes namespaces, users and processes even after a failure.
 """
@@ -19,12 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import NetNS, netns
 
 INET_ADDR = "198.18.10.1"  # RFC 2544 benchmark space: never routed on a real network
-LOGIN_UP_ADDR = "198.18.10.2"
-LOGIN_DOWN_ADDR = "198.19.20.1"
+LOGIN_UP_ADDR = "198.18.10.2"  # login host j: 198.18.10.(2+j)
+LOGIN_DOWN_ADDR = "198.19.20.1"  # login host j: 198.19.20.(1+j)
 NODE_ADDR_BASE = 10  # node i gets 198.19.20.(10+i)
+MAX_LOGINS = NODE_ADDR_BASE - 1  # login LAN addresses must stay below the nodes'
 DOMAIN = "sim.test"  # RFC 6761: reserved for testing
 HTTP_NAME = f"www.{DOMAIN}"
 XROOTD_NAME = f"xrootd.{DOMAIN}"
@@ -37,16 +44,20 @@ class Host:
 
 
 class Site:
-    def __init__(self, *, nodes: int = 1, workdir: Path | None = None):
+    def __init__(self, *, nodes: int = 1, logins: int = 1, workdir: Path | None = None):
         if os.geteuid() != 0:
             raise PermissionError("building the simulated site needs root")
+        if not 1 <= logins <= MAX_LOGINS or not 0 <= nodes <= 254 - NODE_ADDR_BASE:
+            raise ValueError(f"need 1..{MAX_LOGINS} login hosts and 0..{254 - NODE_ADDR_BASE} nodes")
         self.id = secrets.token_hex(3)
-        self.prefix = f"vp{self.id}"
+        self.prefix = f"vp{self.id}"  # 8 characters: interface names below stay within IFNAMSIZ
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"vpn-site-{self.id}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o755)
+        self.switch = f"{self.prefix}-switch"  # holds the bridges; no addresses, no processes
         self.inet = Host(f"{self.prefix}-inet", INET_ADDR)
-        self.login = Host(f"{self.prefix}-login", LOGIN_DOWN_ADDR)
+        self.logins = [Host(f"{self.prefix}-login{j or ''}", f"198.19.20.{1 + j}") for j in range(logins)]
+        self.login = self.logins[0]
         self.nodes = [Host(f"{self.prefix}-node{i}", f"198.19.20.{NODE_ADDR_BASE + i}") for i in range(nodes)]
         self.user = f"{self.prefix}u"
         self.home = self.workdir / "home"
@@ -59,20 +70,29 @@ class Site:
     def build(self) -> "Site":
         try:
             self._make_user()
-            for host in (self.inet, self.login, *self.nodes):
-                netns.create(host.ns)
-                self._built_ns.append(host.ns)
-                with NetNS(host.ns) as ns:
+            for name in (self.switch, self.inet.ns, *(h.ns for h in self.logins), *(h.ns for h in self.nodes)):
+                self._built_ns.append(name)  # before creating: close() must remove a half-made one too
+                netns.create(name)
+                with NetNS(name) as ns:
                     ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            self._link(self.inet, f"{self.prefix}i", INET_ADDR, self.login, f"{self.prefix}l", LOGIN_UP_ADDR)
+            lan, upstream = f"{self.prefix}lan", f"{self.prefix}up"
+            with NetNS(self.switch) as sw:
+                for bridge in (lan, upstream):
+                    sw.link("add", ifname=bridge, kind="bridge")
+                    sw.link("set", index=sw.link_lookup(ifname=bridge)[0], state="up")
+            self._plug(upstream, self.inet, "i", INET_ADDR)
+            for j, login in enumerate(self.logins):
+                self._plug(upstream, login, f"l{j}", f"198.18.10.{2 + j}")
+                self._plug(lan, login, f"L{j}", login.addr)
+                with NetNS(login.ns) as ns:
+                    ns.route("add", dst="0.0.0.0/0", gateway=INET_ADDR)
             for i, node in enumerate(self.nodes):
-                self._link(self.login, f"{self.prefix}L{i}", LOGIN_DOWN_ADDR, node, f"{self.prefix}n{i}", node.addr)
-            with NetNS(self.login.ns) as ns:
-                ns.route("add", dst="0.0.0.0/0", gateway=INET_ADDR)
+                self._plug(lan, node, f"n{i}", node.addr)
             # /etc/netns/NS/resolv.conf is bind-mounted by `ip netns exec`. Nodes point at the
             # login host, where no DNS server runs: lookups fail fast, as on an offline node.
             self._resolv(self.inet, INET_ADDR)
-            self._resolv(self.login, INET_ADDR)
+            for login in self.logins:
+                self._resolv(login, INET_ADDR)
             for node in self.nodes:
                 self._resolv(node, LOGIN_DOWN_ADDR)
             return self
@@ -88,16 +108,20 @@ class Site:
         pw = pwd.getpwnam(self.user)
         os.chown(self.home, pw.pw_uid, pw.pw_gid)
 
-    def _link(self, a: Host, a_if: str, a_addr: str, b: Host, b_if: str, b_addr: str) -> None:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=a_if, kind="veth", peer=b_if)
-            ipr.link("set", index=ipr.link_lookup(ifname=a_if)[0], net_ns_fd=a.ns)
-            ipr.link("set", index=ipr.link_lookup(ifname=b_if)[0], net_ns_fd=b.ns)
-        for host, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
-            with NetNS(host.ns) as ns:
-                idx = ns.link_lookup(ifname=ifname)[0]
-                ns.addr("add", index=idx, address=addr, prefixlen=24)
-                ns.link("set", index=idx, state="up")
+    def _plug(self, bridge: str, host: Host, name: str, addr: str) -> None:
+        """Cable ``host`` to ``bridge`` with a veth pair made in the switch namespace (so none
+        ever appears in the root namespace): PREFIX+sNAME joins the bridge, PREFIX+NAME moves
+        to ``host`` and gets ``addr``/24."""
+        ifname, port = f"{self.prefix}{name}", f"{self.prefix}s{name}"
+        with NetNS(self.switch) as sw:
+            sw.link("add", ifname=port, kind="veth", peer=ifname)
+            sw.link("set", index=sw.link_lookup(ifname=ifname)[0], net_ns_fd=host.ns)
+            sw.link("set", index=sw.link_lookup(ifname=port)[0], master=sw.link_lookup(ifname=bridge)[0],
+                    state="up")
+        with NetNS(host.ns) as ns:
+            idx = ns.link_lookup(ifname=ifname)[0]
+            ns.addr("add", index=idx, address=addr, prefixlen=24)
+            ns.link("set", index=idx, state="up")
 
     def _resolv(self, host: Host, nameserver: str) -> None:
         d = Path("/etc/netns") / host.ns
