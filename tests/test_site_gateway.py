@@ -105,7 +105,7 @@ def test_python_api_gateway_context_manager_and_run(site_env):
         with Gateway(cfg) as gw:
             print("ticket", gw.ticket_path, flush=True)
             sys.stdin.readline()   # hold the gateway until the test says so
-            print("clients", len(gw.clients()), flush=True)
+            print("workers", len(gw.workers()), flush=True)
     """)
     holder = site.popen_user(site.login, [str(Path(VP).parent / "python"), "-c", up],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -122,7 +122,7 @@ def test_python_api_gateway_context_manager_and_run(site_env):
         assert done.stdout.split() == ["0", "200"], done.stderr
         holder.stdin.write("\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "clients 0"
+        assert holder.stdout.readline().strip() == "workers 0"
         assert holder.wait(timeout=20) == 0
     finally:
         if holder.poll() is None:

@@ -39,9 +39,10 @@ def two_login_site():
 
 
 def _clients(site, login, state) -> int:
-    done = site.run_user(login, [VP, "gateway", "status", "--state-dir", str(state)])
+    """Workers with a tunnel session at this gateway."""
+    done = site.run_user(login, [VP, "gateway", "status", "--state-dir", str(state), "--json"])
     assert done.returncode == 0, done.stderr
-    return int(done.stdout.split(",")[1].split()[0])
+    return sum(w["vpn_ip"] != "" for w in json.loads(done.stdout)["workers"])
 
 
 def test_two_gateways_share_one_ticket_spread_workers_and_take_over(two_login_site):

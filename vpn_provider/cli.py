@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
+import json
 import logging
 import sys
 from pathlib import Path
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         a = gw_sub.add_parser(action)
         a.add_argument("--state-dir", type=Path, required=True,
                        help="credentials, ticket.json, logs and sockets of this gateway")
+        if action == "status":
+            a.add_argument("--json", action="store_true", help="the same, as JSON for scripts")
         if action in ("start", "run"):
             a.add_argument("--listen", type=_endpoint, default=Endpoint.parse(DEFAULT_LISTEN),
                            help=f"HOST:PORT for TCP and UDP (default {DEFAULT_LISTEN})")
@@ -144,19 +148,18 @@ def _gateway(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         print("gateway stopped")
         return 0
-    clients = gw.clients()
-    print(f"gateway pid {gw.pid}, {len(clients)} client(s)")
-    if clients:
-        print(f"{'VPN IP':<16} {'REMOTE IP':<16} {'DATA CHANNEL':<14} {'USER':<10} CONNECTED")
-        for c in clients:
-            channel = "DTLS" if c.dtls_cipher and c.dtls_cipher != "(no-dtls)" else "TLS/TCP"
-            print(f"{c.vpn_ip:<16} {c.remote_ip:<16} {channel:<14} {c.user:<10} {c.since}")
+    workers = gw.workers()
+    if args.json:
+        print(json.dumps({"pid": gw.pid, "workers": [dataclasses.asdict(w) for w in workers]}, indent=2))
+        return 0
+    print(f"gateway pid {gw.pid}, {len(workers)} worker(s)")
+    if workers:
+        from .gateway.status import table
+        print("\n".join(table(workers)))
     return 0
 
 
 def _exec(args: argparse.Namespace) -> int:
-    import json
-
     from .ticket import Ticket
     from .worker.command import decode_argv, split_assignments
     from .worker.tunnel import exec_in_vpn, process_start_monotonic

@@ -11,17 +11,9 @@ from pathlib import Path
 from .. import proc
 from ..errors import GatewayError
 from ..ticket import Ticket
+from . import status
 from .config import GatewayConfig
 from .supervisor import read_pid
-
-
-@dataclasses.dataclass(frozen=True)
-class Client:
-    user: str
-    vpn_ip: str
-    remote_ip: str
-    since: str
-    dtls_cipher: str
 
 
 class Gateway:
@@ -91,15 +83,11 @@ class Gateway:
         (self.state_dir / "gateway.pid").unlink(missing_ok=True)
         return True
 
-    def clients(self) -> list[Client]:
+    def workers(self) -> list[status.WorkerStatus]:
+        """Every worker connected now, through the tunnel, the relay or both (see status.py)."""
         if not self.pid:
             raise GatewayError(f"no gateway runs with state dir {self.state_dir}")
-        out = proc.run(["occtl", "--socket-file", str(self.config.run_dir / "occtl.sock"), "--json",
-                        "show", "users"], timeout=10).stdout
-        users = json.loads(out or "[]")
-        return [Client(user=u.get("Username", ""), vpn_ip=u.get("IPv4", ""),
-                       remote_ip=u.get("Remote IP", ""), since=u.get("_Connected at", u.get("Connected at", "")),
-                       dtls_cipher=u.get("DTLS cipher", "")) for u in users]
+        return status.workers(self.config)
 
     def __enter__(self) -> "Gateway":
         self.start()

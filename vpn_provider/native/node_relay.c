@@ -733,8 +733,9 @@ out:
     return rc;
 }
 
-static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void report(const char *fmt, ...)
+/* One line to exec on `ctl`. */
+static void report(int ctl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void report(int ctl, const char *fmt, ...)
 {
     char line[512];
     va_list ap;
@@ -743,27 +744,30 @@ static void report(const char *fmt, ...)
     va_end(ap);
     if (n < 0)
         return;
-    send(CTL_FD, line, n < (int)sizeof line ? (size_t)n : sizeof line - 1, MSG_NOSIGNAL);
+    send(ctl, line, n < (int)sizeof line ? (size_t)n : sizeof line - 1, MSG_NOSIGNAL);
 }
 
-/* The relay's check, in its own thread so the tunnel's set-up never waits for it. */
-static void *check_relay(void *unused)
+/* The relay's check, in its own thread so the tunnel's set-up never waits for it. It answers
+ * on its own copy of the control socket: main may close its own (exec moved on without the
+ * relay) and the number be reused by then. */
+static void *check_relay(void *ctl_copy)
 {
-    (void)unused;
+    int ctl = (int)(intptr_t)ctl_copy;
     int status = -1;
     const char *why = "";
     int probe = open_flow('P', (struct in_addr){0}, 0, &status, &why);
     char where[INET_ADDRSTRLEN];
     inet_ntop(AF_INET, &relay_addr.sin_addr, where, sizeof where);
     if (probe < 0) {
-        report("NO relay %s:%u: %s", where, ntohs(relay_addr.sin_port), why);
-        return NULL;
+        report(ctl, "NO relay %s:%u: %s", where, ntohs(relay_addr.sin_port), why);
+    } else {
+        close(probe);
+        if (status != STATUS_OK)
+            report(ctl, "NO relay %s:%u: status %d", where, ntohs(relay_addr.sin_port), status);
+        else
+            report(ctl, "OK");
     }
-    close(probe);
-    if (status != STATUS_OK)
-        report("NO relay %s:%u: status %d", where, ntohs(relay_addr.sin_port), status);
-    else
-        report("OK");
+    close(ctl);
     return NULL;
 }
 
@@ -812,7 +816,7 @@ int main(void)
         msg[n] = 0;
         if (msg[0] == 'T' && n > 1 && msg[1] == 0) {
             if (keeper_start(msg, (size_t)n, fds, nfds, CTL_FD) < 0) {
-                report("DOWN bad tunnel set-up message from exec");
+                report(CTL_FD, "DOWN bad tunnel set-up message from exec");
                 return 0;
             }
             keeping = 1;
@@ -820,14 +824,16 @@ int main(void)
             memcpy(listeners, fds, (size_t)(nfds < 3 ? nfds : 3) * sizeof(int));
             break;
         } else {
-            int rc = parse_setup(msg);
+            int rc = parse_setup(msg), ctl = fcntl(CTL_FD, F_DUPFD_CLOEXEC, 0);
             pthread_t t;
-            if (rc < 0)
-                report("NO bad set-up message from exec");
-            else if (pthread_create(&t, NULL, check_relay, NULL) == 0)
+            if (rc < 0 || ctl < 0) {
+                report(CTL_FD, "NO bad set-up message from exec");
+            } else if (pthread_create(&t, NULL, check_relay, (void *)(intptr_t)ctl) == 0) {
                 pthread_detach(t);
-            else
-                report("NO no thread for the relay's check");
+            } else {
+                report(CTL_FD, "NO no thread for the relay's check");
+                close(ctl);
+            }
         }
         explicit_bzero(msg, (size_t)n);  /* both set-up messages carry a secret */
     }

@@ -18,7 +18,7 @@
  * configured by the same Python code (pyroute2) at the start and after every reconnection.
  *
  * Set-up message from exec (SOCK_SEQPACKET, NUL-separated), with 5 descriptors:
- *   "T" give_up_s attempt_s tcp_mode python secret log_is_scratch preload n {probe_ip port url}*n argv...
+ *   "T" give_up_s attempt_s tcp_mode python secret log_is_scratch preload worker n {probe_ip port url}*n argv...
  *   fds: tun, openconnect's log, /proc/self/ns/{user,net,mnt} of the worker
  * Replies to exec: "UP" NUL env-blob (the first tunnel is up), or "DOWN <how it ended>".
  */
@@ -69,7 +69,9 @@ static struct {
     int log_is_scratch;
     int n_gateways;
     struct gateway gateways[MAX_GATEWAYS];
-    char *argv[MAX_ARGS + 2];  /* openconnect's argv; the url goes in the last slot */
+    char *argv[MAX_ARGS + 3];  /* openconnect's argv; our name and the url go in the last slots */
+    char *worker;              /* how the gateway's status names this worker */
+    unsigned reconnections;
     int n_args;
     int fds[KEEPER_FDS];
     int ctl;
@@ -116,7 +118,7 @@ static int parse(const char *msg, size_t len)
     memcpy(k.copy, msg, len);
     k.copy[len] = 0;
     k.copy_len = len;
-    enum { FIXED = 9 };
+    enum { FIXED = 10 };
     char *fields[FIXED + 3 * MAX_GATEWAYS + MAX_ARGS];
     int n = 0;
     for (char *p = k.copy; p < k.copy + len && n < (int)(sizeof fields / sizeof *fields); p += strlen(p) + 1)
@@ -136,7 +138,8 @@ static int parse(const char *msg, size_t len)
     k.env[2] = preload;
     k.env[3] = "VPNP_TUN_FD=4";  /* OC_TUN_FD, for the preload shim */
     k.env[4] = NULL;
-    k.n_gateways = atoi(fields[8]);
+    k.worker = fields[8];
+    k.n_gateways = atoi(fields[9]);
     if (k.attempt_s <= 0 || k.n_gateways < 1 || k.n_gateways > MAX_GATEWAYS || n < FIXED + 3 * k.n_gateways + 1)
         return -1;
     for (int i = 0; i < k.n_gateways; i++) {
@@ -219,8 +222,13 @@ static pid_t spawn_openconnect(const struct gateway *g, int *report)
         if (ftruncate(k.fds[FD_LOG], 0) == 0)
             lseek(k.fds[FD_LOG], 0, SEEK_SET);
     }
-    k.argv[k.n_args] = g->url;
-    k.argv[k.n_args + 1] = NULL;
+    /* The gateway's status shows this as the session's host name: which worker, and how often
+     * it has come back. */
+    static char name[96];
+    snprintf(name, sizeof name, "--local-hostname=%s-%u", k.worker, k.reconnections);
+    k.argv[k.n_args] = name;
+    k.argv[k.n_args + 1] = g->url;
+    k.argv[k.n_args + 2] = NULL;
     pid_t parent = getpid();
     pid_t pid = (w1 == (ssize_t)slen && w2 == 1) ? fork() : -1;
     if (pid == 0) {
@@ -366,6 +374,7 @@ static const char *host_of(const struct gateway *g)
 static pid_t take_back(int *current, const char *lost_why)
 {
     double lost_at = now_s();
+    k.reconnections++;  /* the sessions of this round carry the new count in their name */
     announce("tunnel to %.*s lost (%s); reconnecting%s", (int)strcspn(host_of(&k.gateways[*current]), "/"),
              host_of(&k.gateways[*current]), lost_why, k.give_up_s ? "" : " until it is back");
     if (rejoin("down", "", 0) < 0)

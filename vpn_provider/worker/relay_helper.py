@@ -48,10 +48,11 @@ class KeeperSpec:
     attempt_timeout: float  # seconds one login may take
     log_is_scratch: bool  # the log lives in memory: keep only the latest attempt's
     preload: str  # the shim that hands openconnect our tun device
+    worker: str  # the worker's name in the gateway's status (openconnect's --local-hostname)
 
     def message(self, python: str) -> bytes:
         fields = ["T", str(int(self.give_up_after)), str(max(1, int(self.attempt_timeout))), self.tcp_mode,
-                  python, self.secret, "1" if self.log_is_scratch else "0", self.preload,
+                  python, self.secret, "1" if self.log_is_scratch else "0", self.preload, self.worker,
                   str(len(self.gateways))]
         for gw in self.gateways:
             fields += [ipv4_of(gw), str(gw.port), f"https://{gw}/"]

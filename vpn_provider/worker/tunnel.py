@@ -94,6 +94,12 @@ def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float, *, spread: fl
     return random.choice(answered) if answered else None
 
 
+def worker_name() -> str:
+    """How the gateway's status names this worker: our pid, which CMD keeps (exec replaces us),
+    and which is unique on the node, as the gateway's status pairs it with the node's address."""
+    return f"vpnp-{os.getpid()}"
+
+
 def _first_then_rest(first: Endpoint, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     return (first, *(e for e in endpoints if e != first))
 
@@ -139,7 +145,8 @@ class Tunnel:
         relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
         spec = KeeperSpec(openconnect_argv=tuple(argv), gateways=gateways,
                           secret=self.ticket.secret, tcp_mode=self.tcp, give_up_after=self.reconnect_timeout,
-                          attempt_timeout=self.timeout, log_is_scratch=self.log_file is None, preload=shim)
+                          attempt_timeout=self.timeout, log_is_scratch=self.log_file is None, preload=shim,
+                          worker=worker_name())
         # Forked first, before any descriptor below exists, so it holds none of them open.
         # The relay list in the keeper's order: when the keeper moves, the relay follows.
         helper = RelayHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None,
