@@ -75,10 +75,10 @@ def _binaries() -> list[Finding]:
         out.append(Finding("tun preload library", OK, preload_library()))
     except TunnelError as e:
         out.append(Finding("tun preload library", FAIL, "missing", e.remedy))
-    try:
-        out.append(Finding("relay helper", OK, helper_binary()))
+    try:  # every mode needs it: it keeps the tunnel, and serves the relay
+        out.append(Finding("node helper", OK, helper_binary()))
     except TunnelError as e:
-        out.append(Finding("relay helper", WARN, "missing", e.remedy))
+        out.append(Finding("node helper", FAIL, "missing", e.remedy))
     return out
 
 

@@ -5,7 +5,7 @@
  * as long as the job. It is C so that it costs the job about 1 MB of memory, not the 11 MB of
  * an interpreter. Its life, driven over the control socket on fd 3 (SOCK_SEQPACKET):
  *
- *   exec -> us   "HOST PORT KEYHEX"          where the gateway's relay is; the key never in argv
+ *   exec -> us   "IP[,IP..] PORT KEYHEX WORKER"  the gateways' relays; the key never in argv
  *   us -> exec   "OK" | "NO <reason>"        after proving the secret to the relay (a PING)
  *   exec -> us   "L" + up to 3 fds           sockets exec made inside the worker's namespace:
  *                  [0] listener for redirected TCP (its SO_ORIGINAL_DST is the destination)
@@ -47,6 +47,7 @@
 #define MAGIC "VPNP-RELAY/1\n"
 #define NONCE 16
 #define REQUEST 7                  /* verb (1) | IPv4 (4) | port (2) */
+#define PRESENCE_RETRY_MS 1000
 #define CHUNK (256 * 1024)         /* per pipe; see vpn_provider/relay/pump.py on the quota */
 #define CONNECT_TIMEOUT_MS 10000
 #define ANSWER_TIMEOUT_S 20        /* the gateway may take 15 s to reach a destination */
@@ -62,6 +63,7 @@ enum { STATUS_OK = 0 };
 #define MAX_RELAYS 64
 #define FAILOVER_CONNECT_TIMEOUT_MS 3000
 static struct sockaddr_in relay_addrs[MAX_RELAYS];
+static uint32_t worker_id;  /* exec's pid, which CMD keeps: the gateway's status names us by it */
 static int n_relays;
 static atomic_int relay_in_use;
 #define relay_addr (relay_addrs[atomic_load(&relay_in_use)])
@@ -273,6 +275,7 @@ static int open_flow(char verb, struct in_addr dest_ip, uint16_t dest_port, int 
     request[0] = (uint8_t)verb;
     memcpy(request + 1, &dest_ip, 4);
     memcpy(request + 5, &dest_port, 2);
+    /*PENDING-WORKER*/
     signed_part[0] = 'C';
     hmac_sha256(key, sizeof key, signed_part, sizeof signed_part, proof);
     memcpy(proof + SHA256_SIZE, request, REQUEST);
@@ -703,15 +706,17 @@ void gateway_in_use(int index)
         atomic_store(&relay_in_use, index);
 }
 
-/* "IP[,IP...] PORT KEYHEX": the gateways' relays (every one on PORT), the one to use first. */
+/* "IP[,IP...] PORT KEYHEX WORKER": the gateways' relays (every one on PORT), the one to use
+ * first, and the number that names this worker at the gateway. */
 static int parse_setup(char *msg)
 {
     char hosts[MAX_RELAYS * 16 + 1], hex[2 * SHA256_SIZE + 1] = "";
-    unsigned port;
+    unsigned port, worker;
     int rc = -1;
-    if (sscanf(msg, "%1024s %u %64s", hosts, &port, hex) != 3 || port == 0 || port > 65535
+    if (sscanf(msg, "%1024s %u %64s %u", hosts, &port, hex, &worker) != 4 || port == 0 || port > 65535
         || strlen(hex) != 2 * SHA256_SIZE)
         goto out;
+    worker_id = worker;
     n_relays = 0;
     for (char *save = NULL, *host = strtok_r(hosts, ",", &save); host; host = strtok_r(NULL, ",", &save)) {
         if (n_relays == MAX_RELAYS || inet_pton(AF_INET, host, &relay_addrs[n_relays].sin_addr) != 1)
@@ -768,6 +773,30 @@ static void *check_relay(void *ctl_copy)
             report(ctl, "OK");
     }
     close(ctl);
+    return NULL;
+}
+
+/* One idle connection to the relay for as long as the job runs, so the gateway's status lists
+ * this worker even when no flow is open; it comes back whenever the relay does. */
+static void *stay_present(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        int status = -1;
+        const char *why = "";
+        int fd = open_flow('W', (struct in_addr){0}, 0, &status, &why);
+        if (fd >= 0) {
+            if (status == STATUS_OK) {
+                tune(fd, 1);  /* keepalives: a gateway that vanished is noticed */
+                char byte;
+                while (recv(fd, &byte, 1, 0) > 0 || errno == EINTR)
+                    ;  /* the relay sends nothing; this returns when it ends */
+            }
+            close(fd);
+        }
+        struct timespec pause = {PRESENCE_RETRY_MS / 1000, (PRESENCE_RETRY_MS % 1000) * 1000000L};
+        nanosleep(&pause, NULL);
+    }
     return NULL;
 }
 
@@ -839,8 +868,10 @@ int main(void)
     }
     explicit_bzero(msg, sizeof msg);
     close(CTL_FD);
-    if (listeners[0] >= 0)
+    if (listeners[0] >= 0) {
+        /*PENDING-PRESENCE*/
         serve(listeners[0], listeners[1], listeners[2]);
+    }
     else if (keeping)
         pthread_exit(NULL);  /* the keeper's thread goes on; the process lives while it does */
     return 0;  /* exec gave up on us (and says why) */

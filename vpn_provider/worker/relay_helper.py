@@ -6,8 +6,8 @@ The helper is forked while ``exec`` is still in the node's network namespace, so
 the gateway are the node's own; then it execs the native binary, which costs the worker about
 1 MB for as long as the job runs. Messages on the control socket (SOCK_SEQPACKET):
 
-    exec -> helper   "IP[,IP..] PORT KEYHEX"   check the relay (answer: "OK" | "NO reason"); the
-                                              other gateways' relays are for when its gateway dies
+    exec -> helper   "IP[,IP..] PORT KEYHEX WORKER"   check the relay (answer: "OK" | "NO reason");
+                     the other gateways' relays are for when its gateway dies; WORKER: our pid
     exec -> helper   "T" ... + 5 fds           keep the tunnel (answer: "UP" NUL env | "DOWN why")
     exec -> helper   "L" + up to 3 fds         the namespace's sockets for the relay to serve
 """
@@ -78,7 +78,8 @@ class RelayHelper:
         self._stash: list[bytes] = []
         if relay and key:
             # The key travels on the socketpair: never in argv or in an environment.
-            self._ctl.send(f"{addresses} {relay.port} {key.hex()}".encode())
+            # Our pid names the worker at the gateway (status): CMD will keep it.
+            self._ctl.send(f"{addresses} {relay.port} {key.hex()} {os.getpid()}".encode())
 
     def _await(self, tags: tuple[bytes, ...], timeout: float) -> bytes | None:
         """The next message that starts with one of ``tags`` (others are kept for later);
