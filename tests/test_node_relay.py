@@ -4,14 +4,17 @@ throwaway user+net namespace (the tier that needs user namespaces; nothing leave
 The helper's resolver sockets (relay-only mode) carry DNS streams to the server's "resolver",
 which here is a scenario server on 127.0.0.2:53: it answers DNS queries, and for a few magic
 queries it exercises the splice pump instead (a large upload with a half-close, a large
-download, a reset).
+download, a reset, a stream without a length).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +28,9 @@ KEY = relay_key("s" * 32)
 RESOLVER = "127.0.0.2"
 UPLOAD = 8 << 20
 CONCURRENT = 48
+CLEAN_STREAM = 4 << 20  # fits the relays' buffers: all of it is still queued when they close
+STREAMS: dict[str, dict] = {}  # the scenario server's record of each STREAM: what it sent, how it ended
+SINK_OPEN = threading.Event()  # SINK reads nothing until this is set
 
 
 def _dns_query(name: str, *, qid: int = 0x1234, edns: int = 0) -> bytes:
@@ -78,6 +84,15 @@ def _scenario(conn: socket.socket) -> None:
             conn.sendall(b"abc")
             conn.send(b"X", socket.MSG_OOB)
             conn.sendall(b"def")
+        elif first.startswith(b"STREAM "):
+            _, name, size = first.decode().split()
+            _send_stream(conn, STREAMS.setdefault(name, {}), int(size))
+        elif first == b"SINK":  # a reader that pauses, then takes it all and answers its digest
+            SINK_OPEN.wait()
+            digest = hashlib.sha256()
+            while chunk := conn.recv(1 << 16):
+                digest.update(chunk)
+            conn.sendall(digest.digest())
         elif first == b"RESET":
             conn.sendall(b"partial")
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -87,6 +102,23 @@ def _scenario(conn: socket.socket) -> None:
     except (OSError, EOFError):
         pass
     conn.close()
+
+
+def _send_stream(conn: socket.socket, record: dict, size: int) -> None:
+    """A stream with no length in it, like an HTTP/1.0 body: ``size`` random bytes then a clean
+    end, or (``size`` 0) bytes until the connection breaks. Only the end says it is complete."""
+    digest, sent, block = hashlib.sha256(), 0, os.urandom(1 << 16)
+    try:
+        while not size or sent < size:
+            chunk = os.urandom(min(1 << 16, size - sent)) if size else block
+            conn.sendall(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        record["end"] = "clean"
+    except OSError as e:
+        record["end"] = type(e).__name__
+    record.update(sha256=digest.hexdigest(), sent=sent, ended_at=time.monotonic())
 
 
 def _serve_forever(listener: socket.socket, handler) -> None:
@@ -187,6 +219,180 @@ def _probe_helper(client_key: bytes) -> dict:
     return out
 
 
+def _probe_cut(cut: str) -> dict:
+    """One length-less stream through the helper and a relay server of its own (a process, so
+    it can be killed): it ends cleanly (``cut`` "none"), or the server or the helper gets
+    SIGKILL mid-stream. How did the reading application, and the far end, see the end?"""
+    from pyroute2 import IPRoute
+    from vpn_provider.ticket import Endpoint
+    from vpn_provider.worker.relay_helper import RelayHelper
+    from vpn_provider.worker.tunnel import _hand_namespace_to
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    _serve_forever(socket.create_server((RESOLVER, 53)), _scenario)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = subprocess.Popen([sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
+                               f"--resolver={RESOLVER}"], stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
+    server.stdin.write(KEY.hex().encode() + b"\n")
+    server.stdin.close()
+    helper = RelayHelper(Endpoint("127.0.0.1", listener.getsockname()[1]), KEY)
+    try:
+        verdict = helper.verdict(10) or _hand_namespace_to(helper, exclude=[], relay_only=True)
+        if verdict:
+            return {"verdict": verdict}
+        out: dict = {"verdict": ""}
+        digest, got = hashlib.sha256(), 0
+        with _stream(f"STREAM {cut} {CLEAN_STREAM if cut == 'none' else 0}".encode()) as s:
+            s.settimeout(30)  # a hang shows as "hang", well before pytest would notice
+            if cut == "none":
+                # Our half-close ends one direction, the stream's end the other, so the relays
+                # close the flow while the whole stream still waits in their queues for us.
+                s.shutdown(socket.SHUT_WR)
+                time.sleep(1)
+            else:
+                while got < UPLOAD:
+                    got += len(s.recv(1 << 16))
+                os.kill(server.pid if cut == "server" else helper.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            try:
+                while chunk := s.recv(1 << 16):
+                    got += len(chunk)
+                    digest.update(chunk)
+                out["app"] = "clean end"
+            except ConnectionResetError:
+                out["app"] = "reset"
+            except socket.timeout:
+                out["app"] = "hang"
+            out["app_seconds"] = time.monotonic() - t0
+        record = STREAMS.setdefault(cut, {})
+        deadline = time.monotonic() + 20
+        while "end" not in record and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["far_end"] = record.get("end", "still sending")
+        out["far_end_seconds"] = record.get("ended_at", time.monotonic()) - t0
+        out["intact"] = cut == "none" and digest.hexdigest() == record.get("sha256") and got == record.get("sent")
+        return out
+    finally:
+        for pid in (server.pid, helper.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.wait()
+        try:
+            os.waitpid(helper.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _user_timeout_of_peer(pid: int, port: int) -> int | None:
+    """TCP_USER_TIMEOUT of process ``pid``'s socket connected to ``port``, read on a copy of it
+    (pidfd_getfd(2), Linux >= 5.6; the helper is our child, so we may); None if not found."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+            if fd < 0:
+                continue
+            with socket.socket(fileno=fd) as copy:
+                if copy.family == socket.AF_INET and copy.type == socket.SOCK_STREAM:
+                    try:
+                        if copy.getpeername()[1] == port:
+                            return copy.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+                    except OSError:  # not connected: the listener
+                        pass
+    finally:
+        os.close(pidfd)
+    return None
+
+
+def _probe_paused_reader() -> dict:
+    """An upload to a reader that pauses: the helper's link socket soon faces a shut window.
+    Its user timeout (30 s) would abort the live flow (see test_relay's test with the Python
+    pump), so the helper turns it off meanwhile; read it, then let the reader go on."""
+    from pyroute2 import IPRoute
+    from vpn_provider.relay import server
+    from vpn_provider.ticket import Endpoint
+    from vpn_provider.worker.relay_helper import RelayHelper
+    from vpn_provider.worker.tunnel import _hand_namespace_to
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    relay = socket.create_server(("127.0.0.1", 0))
+    port = relay.getsockname()[1]
+    threading.Thread(target=server.serve, args=(relay, KEY, (RESOLVER,)), daemon=True).start()
+    _serve_forever(socket.create_server((RESOLVER, 53)), _scenario)
+    helper = RelayHelper(Endpoint("127.0.0.1", port), KEY)
+    verdict = helper.verdict(10) or _hand_namespace_to(helper, exclude=[], relay_only=True)
+    if verdict:
+        helper.abandon()
+        return {"verdict": verdict}
+    out: dict = {"verdict": ""}
+    payload = os.urandom(64 << 20)  # more than every buffer on the way holds
+    with _stream(b"SINK") as s:
+        uploading = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)), daemon=True)
+        uploading.start()
+        time.sleep(0.5)
+        out["before"] = _user_timeout_of_peer(helper.pid, port)
+        time.sleep(6.5)  # past one look (every 5 s) at the window
+        out["paused"] = _user_timeout_of_peer(helper.pid, port)
+        SINK_OPEN.set()
+        uploading.join(30)
+        out["intact"] = _recv_exact(s, 32) == hashlib.sha256(payload).digest()
+    helper.abandon()
+    return out
+
+
+def test_native_pump_turns_the_user_timeout_off_while_the_window_is_shut():
+    """Within a look (5 s) of the far reader pausing, long before the 30 s would abort it."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("reading the helper's socket options needs pidfd_open (Python >= 3.9, Linux >= 5.6)")
+    result = _in_namespace(_probe_paused_reader)
+    assert "error" not in result, result["error"]
+    assert result["verdict"] == ""
+    assert result["before"] == 30000 and result["paused"] == 0, result
+    assert result["intact"]
+
+
+@pytest.fixture(scope="module")
+def cuts() -> dict:
+    runs = {cut: _in_namespace(lambda cut=cut: _probe_cut(cut)) for cut in ("none", "server", "helper")}
+    for run in runs.values():
+        assert "error" not in run, run["error"]
+        assert run["verdict"] == ""
+    return runs
+
+
+def test_a_length_less_stream_that_ends_cleanly_arrives_whole(cuts):
+    """The relays hold a clean stream's last bytes when they see its end: closing must deliver
+    them (a reset there would drop them), then the end."""
+    assert cuts["none"]["app"] == "clean end" and cuts["none"]["far_end"] == "clean"
+    assert cuts["none"]["intact"]
+
+
+def test_sigkill_of_the_gateway_relay_resets_a_length_less_stream(cuts):
+    """`gateway stop` or a crash: the application must see an error, never a clean end with
+    bytes missing (the stream has no length that would show them missing)."""
+    assert cuts["server"]["app"] == "reset", cuts["server"]
+    assert cuts["server"]["app_seconds"] < 2
+    assert cuts["server"]["far_end"] in ("ConnectionResetError", "BrokenPipeError")
+
+
+def test_sigkill_of_the_node_helper_resets_the_application_and_the_far_end(cuts):
+    """The helper dies while the application lives on (CMD's shell was killed): the application
+    sees a reset, and the gateway's side of the flow ends too instead of waiting for the rest."""
+    assert cuts["helper"]["app"] == "reset", cuts["helper"]
+    assert cuts["helper"]["app_seconds"] < 2
+    assert cuts["helper"]["far_end"] in ("ConnectionResetError", "BrokenPipeError")
+    assert cuts["helper"]["far_end_seconds"] < 5
+
+
 @pytest.fixture(scope="module")
 def helper_run() -> dict:
     result = _in_namespace(lambda: _probe_helper(KEY))
@@ -243,11 +449,14 @@ def test_native_helper_refuses_a_relay_that_does_not_know_the_secret():
     assert "does not know this ticket's secret" in result["verdict"]
 
 
-def test_missing_helper_keeps_tcp_in_the_tunnel_with_a_warning(monkeypatch, caplog, tmp_path):
-    """An install without the helper binary degrades to the tunnel; it does not fail the job."""
+def test_missing_helper_is_a_one_line_error_naming_the_remedy(monkeypatch, tmp_path):
+    """The helper keeps the tunnel in every mode: without it exec fails at once, in one line."""
+    from vpn_provider.errors import TunnelError
     from vpn_provider.ticket import Endpoint
-    from vpn_provider.worker import relay_helper, tunnel
+    from vpn_provider.worker import relay_helper
     monkeypatch.setattr(relay_helper, "BINARY", tmp_path / "no-such-helper")
-    with caplog.at_level("WARNING"):
-        assert tunnel._start_relay_helper(Endpoint("127.0.0.1", 9), "s" * 32) is None
-    assert "TCP goes through the tunnel: the relay helper" in caplog.text
+    for relay in (Endpoint("127.0.0.1", 9), None):
+        with pytest.raises(TunnelError) as caught:
+            relay_helper.RelayHelper(relay, relay_key("s" * 32) if relay else None)
+        assert "node helper" in str(caught.value) and "reinstall" in str(caught.value)
+        assert "\n" not in str(caught.value)

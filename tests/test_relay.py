@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import threading
+import time
 
 import pytest
 
-from vpn_provider.relay import server
+from vpn_provider.relay import pump, server
 from vpn_provider.relay.protocol import (HandshakeError, Status, Verb, client_handshake, relay_key,
                                          server_handshake)
 from vpn_provider.relay.pump import Flow
@@ -109,6 +111,92 @@ def test_flow_moves_bytes_both_ways_and_passes_half_close():
     reader.join()
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     assert back == b"reply after EOF"
+
+
+def test_a_flow_that_ended_cleanly_delivers_what_is_still_queued():
+    """Both directions ended, the reader has not read yet: most of the stream still waits in
+    the relay's send queue when the flow closes. That close must deliver it, then the end (the
+    sockets reset on close for the rest of a flow's life)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        app = socket.socket()
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)  # a small window: the rest queues
+        app.connect(listener.getsockname())
+        relay_in, _ = listener.accept()
+    relay_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    relay_out, far = _loopback_pair()
+    flow = threading.Thread(target=Flow(relay_in, relay_out).run, daemon=True)
+    flow.start()
+    payload = os.urandom(256 << 10)
+    app.shutdown(socket.SHUT_WR)
+    far.sendall(payload)
+    far.close()
+    flow.join(10)
+    assert not flow.is_alive()  # closed with the stream still queued for us
+    app.settimeout(10)
+    received = bytearray()
+    while chunk := app.recv(1 << 16):
+        received.extend(chunk)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_death_of_the_relay_process_resets_its_flows():
+    """SIGTERM (`gateway stop`) or SIGKILL: the kernel closes the flow's sockets, and a stream
+    without a length must not end cleanly there, so they reset on close for the flow's life."""
+    app, relay_in = _loopback_pair()
+    relay_out, far = _loopback_pair()
+    pid = os.fork()
+    if pid == 0:  # the relay: nothing but the flow
+        try:
+            Flow(relay_in, relay_out).run()
+        finally:
+            os._exit(0)
+    relay_in.close()
+    relay_out.close()
+    streaming = threading.Thread(target=_stream_until_broken, args=(far,), daemon=True)
+    streaming.start()
+    app.settimeout(10)
+    got = 0
+    while got < 1 << 20:
+        got += len(app.recv(1 << 16))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with pytest.raises(ConnectionResetError):
+        while app.recv(1 << 16):
+            pass
+    streaming.join(10)
+    assert not streaming.is_alive()  # the far end got its reset too
+
+
+def _stream_until_broken(sock: socket.socket) -> None:
+    block = os.urandom(1 << 16)
+    try:
+        while True:
+            sock.sendall(block)
+    except OSError:
+        pass
+
+
+def test_a_reader_that_pauses_longer_than_the_user_timeout_keeps_its_flow(monkeypatch):
+    """TCP_USER_TIMEOUT on the link also aborts a live peer whose window stays shut: the pump
+    turns it off while the node's window is 0 (here with the time-outs shortened 15-fold)."""
+    if not pump._USER_TIMEOUT:
+        pytest.skip("this kernel does not report the peer's window: no user timeout is set")
+    monkeypatch.setattr(pump, "_USER_TIMEOUT", 2000)
+    monkeypatch.setattr(pump, "WATCH_INTERVAL", 0.25)
+    monkeypatch.setattr(pump, "_watch", pump._Watch())  # one that sleeps the shorter interval
+    app, relay_in = _loopback_pair()
+    relay_out, far = _loopback_pair()
+    pump.tune(relay_in, link=True)
+    threading.Thread(target=Flow(relay_in, relay_out, link=relay_in).run, daemon=True).start()
+    payload = os.urandom(32 << 20)  # more than every buffer on the way holds
+    sender = threading.Thread(target=lambda: (far.sendall(payload), far.close()), daemon=True)
+    sender.start()
+    time.sleep(6)  # the reader pauses; the window toward it shuts
+    app.settimeout(10)
+    received = bytearray()
+    while chunk := app.recv(1 << 16):
+        received.extend(chunk)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -21,7 +22,7 @@ import time
 
 from .. import linux
 from .protocol import DEST_CONNECT_TIMEOUT, HandshakeError, Status, Verb, server_handshake
-from .pump import Flow, reset, tune
+from .pump import Flow, close_cleanly, reset, reset_on_close, tune
 
 log = logging.getLogger("vpn_provider.relay")
 PROCESS_NAME = "vpnp-gw-relay"
@@ -63,6 +64,7 @@ def _connect(dest: tuple[str, int], timeout: float) -> tuple[Status, socket.sock
         return Status.TIMED_OUT, None
     except OSError as e:
         return _ERRNO_STATUS.get(e.errno, Status.UNREACHABLE), None
+    reset_on_close(out)  # if we die from here on, the destination sees a reset (see pump)
     out.settimeout(None)
     return Status.OK, out
 
@@ -95,6 +97,7 @@ def answer(verb: Verb, dest: tuple[str, int], resolvers: tuple[str, ...]) -> tup
 def handle(client: socket.socket, key: bytes, pending: threading.Semaphore,
            resolvers: tuple[str, ...] = ()) -> None:
     out = None
+    reset_on_close(client)  # if we die from here on, the node sees a reset, never a clean end
     try:
         try:
             verb, dest = server_handshake(client, key)
@@ -110,12 +113,12 @@ def handle(client: socket.socket, key: bytes, pending: threading.Semaphore,
         if out:
             reset(out)
         return
-    if out is None:
-        client.close()
+    if out is None:  # a PING, or a refusal: the status was the whole answer
+        close_cleanly(client)
         return
-    tune(client)
-    tune(out)
-    Flow(client, out).run()
+    tune(client, link=True)
+    tune(out, link=False)
+    Flow(client, out, link=client).run()
 
 
 def serve(listener: socket.socket, key: bytes, resolvers: tuple[str, ...] = ()) -> None:
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     linux.set_process_name(PROCESS_NAME)
+    # SIGTERM (`gateway stop`) must kill at once, even if our parent ignored it: the kernel then
+    # resets every flow (see pump), and no application takes a cut stream for a whole one.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     key = bytes.fromhex(sys.stdin.readline().strip())
     sys.stdin.close()
     listener = socket.socket(fileno=args.listen_fd)
