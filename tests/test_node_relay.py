@@ -286,9 +286,12 @@ def _probe_cut(cut: str) -> dict:
 
 
 def _user_timeout_of_peer(pid: int, port: int) -> int | None:
-    """TCP_USER_TIMEOUT of process ``pid``'s socket connected to ``port``, read on a copy of it
+    """TCP_USER_TIMEOUT of process ``pid``'s socket connected to ``port`` that has data on its
+    way (the flow's, not the helper's idle PRESENT connection), read on a copy of it
     (pidfd_getfd(2), Linux >= 5.6; the helper is our child, so we may); None if not found."""
     import ctypes
+    import fcntl
+    import termios
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     try:
@@ -304,7 +307,8 @@ def _user_timeout_of_peer(pid: int, port: int) -> int | None:
             with socket.socket(fileno=fd) as copy:
                 if copy.family == socket.AF_INET and copy.type == socket.SOCK_STREAM:
                     try:
-                        if copy.getpeername()[1] == port:
+                        queued = struct.unpack("i", fcntl.ioctl(copy.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+                        if copy.getpeername()[1] == port and queued:
                             return copy.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
                     except OSError:  # not connected: the listener
                         pass

@@ -36,7 +36,7 @@ def test_handshake_needs_the_same_secret_on_both_sides(client_key, ok):
     if ok:
         assert client_handshake(a, client_key, Verb.CONNECT, ("198.18.10.1", 1094)) is Status.OK
         t.join()
-        assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 1094))
+        assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 1094), 0)
     else:
         with pytest.raises(HandshakeError, match="does not know this ticket's secret"):
             client_handshake(a, client_key, Verb.CONNECT, ("198.18.10.1", 1094))
@@ -246,7 +246,7 @@ def test_relay_server_rejects_a_client_proof_made_without_the_secret(relay_serve
     with socket.create_connection(relay_server, timeout=5) as s:
         s.sendall(MAGIC + os.urandom(NONCE))
         assert len(s.recv(NONCE + MAC, socket.MSG_WAITALL)) == NONCE + MAC
-        s.sendall(os.urandom(MAC) + b"C" + socket.inet_aton("198.18.10.1") + (80).to_bytes(2, "big"))
+        s.sendall(os.urandom(MAC) + b"C" + socket.inet_aton("198.18.10.1") + (80).to_bytes(2, "big") + bytes(4))
         try:
             answer = s.recv(1)
         except ConnectionResetError:

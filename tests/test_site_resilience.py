@@ -3,6 +3,7 @@ with the real ocserv, openconnect, slirp4netns and dnsmasq; every product proces
 site's unprivileged user."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,16 @@ def test_running_workers_in_every_mode_survive_gateway_restarts_and_crashes(site
                 measured[mode].append(took)
         for mode, w in workers.items():
             assert w.cmd_alive(), f"{mode}: CMD ended or was replaced: {w.stderr}"
+        # What an operator sees: each worker, its transport, its traffic and its reconnections.
+        shown = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(state), "--json")
+        assert shown.returncode == 0, shown.stderr
+        rows = {row["worker"]: row for row in json.loads(shown.stdout)["workers"]}
+        for mode, w in workers.items():
+            row = rows.get(f"vpnp-{w.proc.pid}")
+            assert row, f"{mode} worker missing from gateway status: {rows}"
+            assert row["transport"] == mode and row["node"] == site_env.node.addr, row
+            assert row["bytes_in"] > 0 and row["bytes_out"] > 0, row
+            assert row["reconnections"] == (0 if mode == "relay-only" else 5), row
         for mode in ("relay", "tunnel"):  # one line per drop and one per return, nothing else
             lines = [ln for ln in workers[mode].stderr if ln.startswith("vpn-provider: tunnel")]
             assert sum("lost" in ln for ln in lines) == 5 and sum("back via" in ln for ln in lines) == 5, lines

@@ -13,8 +13,10 @@ from ..ticket import Endpoint
 
 
 class RelayProcess:
-    def __init__(self, listen: Endpoint, secret: str, log_path: Path, resolvers: tuple[str, ...] = ()):
+    def __init__(self, listen: Endpoint, secret: str, log_path: Path, resolvers: tuple[str, ...] = (),
+                 status_socket: Path | None = None):
         self.listen, self.log_path, self.resolvers = listen, log_path, resolvers
+        self.status_socket = status_socket
         self._key = relay_key(secret)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -33,7 +35,8 @@ class RelayProcess:
         with listener, open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
-                 *(f"--resolver={ip}" for ip in self.resolvers)],
+                 *(f"--resolver={ip}" for ip in self.resolvers),
+                 *([f"--status-socket={self.status_socket}"] if self.status_socket else [])],
                 stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
                 preexec_fn=linux.die_with_parent)
         # The key travels on a pipe, never in argv or the environment.

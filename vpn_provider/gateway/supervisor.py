@@ -23,6 +23,7 @@ from .config import GatewayConfig, host_resolvers
 from .credentials import ensure_credentials, pin_of
 from .namespace import GatewayNamespace
 from .relay import RelayProcess
+from .status import RELAY_STATUS_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Supervisor:
                 log.warning("no IPv4 resolver in /etc/resolv.conf: relay-only workers cannot "
                             "resolve names; pass --dns IP")
             self.relay = RelayProcess(cfg.relay_endpoint, creds.secret, cfg.state_dir / "relay.log",
-                                      resolvers=relay_resolvers)
+                                      resolvers=relay_resolvers, status_socket=cfg.run_dir / RELAY_STATUS_SOCKET)
             self.relay.start()
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         relay_port = cfg.relay_endpoint.port if cfg.relay else 0

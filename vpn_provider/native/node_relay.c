@@ -46,7 +46,7 @@
 #define CTL_FD 3
 #define MAGIC "VPNP-RELAY/1\n"
 #define NONCE 16
-#define REQUEST 7                  /* verb (1) | IPv4 (4) | port (2) */
+#define REQUEST 11                 /* verb (1) | IPv4 (4) | port (2) | worker (4) */
 #define PRESENCE_RETRY_MS 1000
 #define CHUNK (256 * 1024)         /* per pipe; see vpn_provider/relay/pump.py on the quota */
 #define CONNECT_TIMEOUT_MS 10000
@@ -275,7 +275,8 @@ static int open_flow(char verb, struct in_addr dest_ip, uint16_t dest_port, int 
     request[0] = (uint8_t)verb;
     memcpy(request + 1, &dest_ip, 4);
     memcpy(request + 5, &dest_port, 2);
-    /*PENDING-WORKER*/
+    uint32_t worker = htonl(worker_id);
+    memcpy(request + 7, &worker, 4);
     signed_part[0] = 'C';
     hmac_sha256(key, sizeof key, signed_part, sizeof signed_part, proof);
     memcpy(proof + SHA256_SIZE, request, REQUEST);
@@ -869,7 +870,9 @@ int main(void)
     explicit_bzero(msg, sizeof msg);
     close(CTL_FD);
     if (listeners[0] >= 0) {
-        /*PENDING-PRESENCE*/
+        pthread_t t;
+        if (pthread_create(&t, NULL, stay_present, NULL) == 0)
+            pthread_detach(t);
         serve(listeners[0], listeners[1], listeners[2]);
     }
     else if (keeping)

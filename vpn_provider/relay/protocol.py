@@ -2,7 +2,8 @@
 
     client -> server   MAGIC, client nonce (16)
     server -> client   server nonce (16), HMAC(key, "S" | cn | sn)
-    client -> server   HMAC(key, "C" | cn | sn | request), request = verb (1) | IPv4 (4) | port (2)
+    client -> server   HMAC(key, "C" | cn | sn | request),
+                       request = verb (1) | IPv4 (4) | port (2) | worker (4)
     server -> client   status (1); on OK the connection carries the flow's bytes from here on
 
 Two implementations speak it: this module (the gateway's relay, and ``check``'s probe) and
@@ -22,19 +23,27 @@ import os
 import socket
 import struct
 import time
+from typing import NamedTuple
 
 MAGIC = b"VPNP-RELAY/1\n"
 HANDSHAKE_DEADLINE = 5.0  # seconds for a whole handshake, not per read: no slow-drip clients
 DEST_CONNECT_TIMEOUT = 15.0  # the gateway's connect to a destination; the client waits longer
 NONCE = 16
 MAC = 32
-_REQUEST = struct.Struct("!c4sH")
+_REQUEST = struct.Struct("!c4sHI")
 
 
 class Verb(bytes, enum.Enum):
     CONNECT = b"C"
     PING = b"P"  # checks reachability and the secret; carries no flow
     DNS = b"D"  # a DNS-over-TCP stream to the gateway's own resolver (the address is ignored)
+    PRESENT = b"W"  # a worker's idle connection for its whole life, so the gateway lists it
+
+
+class Request(NamedTuple):
+    verb: Verb
+    dest: tuple[str, int]
+    worker: int  # the worker's number on its node (exec's pid), for the gateway's status
 
 
 class Status(enum.IntEnum):
@@ -74,7 +83,7 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> by
 
 
 def client_handshake(sock: socket.socket, key: bytes, verb: Verb,
-                     dest: tuple[str, int] = ("0.0.0.0", 0)) -> Status:
+                     dest: tuple[str, int] = ("0.0.0.0", 0), worker: int = 0) -> Status:
     """Run the client side on a connected socket; return the server's status."""
     cn = os.urandom(NONCE)
     sock.sendall(MAGIC + cn)
@@ -82,7 +91,7 @@ def client_handshake(sock: socket.socket, key: bytes, verb: Verb,
     sn, server_mac = answer[:NONCE], answer[NONCE:]
     if not hmac.compare_digest(server_mac, _mac(key, b"S", cn, sn)):
         raise HandshakeError("the relay does not know this ticket's secret (a different gateway?)")
-    request = _REQUEST.pack(verb.value, socket.inet_aton(dest[0]), dest[1])
+    request = _REQUEST.pack(verb.value, socket.inet_aton(dest[0]), dest[1], worker)
     sock.sendall(_mac(key, b"C", cn, sn, request) + request)
     try:
         return Status(recv_exact(sock, 1)[0])
@@ -90,7 +99,7 @@ def client_handshake(sock: socket.socket, key: bytes, verb: Verb,
         raise HandshakeError("the relay answered with an unknown status") from None
 
 
-def server_handshake(sock: socket.socket, key: bytes) -> tuple[Verb, tuple[str, int]]:
+def server_handshake(sock: socket.socket, key: bytes) -> Request:
     """Run the server side; return the verified request. The caller sends the status."""
     deadline = time.monotonic() + HANDSHAKE_DEADLINE
     hello = recv_exact(sock, len(MAGIC) + NONCE, deadline)
@@ -102,8 +111,8 @@ def server_handshake(sock: socket.socket, key: bytes) -> tuple[Verb, tuple[str, 
     client_mac, request = proof[:MAC], proof[MAC:]
     if not hmac.compare_digest(client_mac, _mac(key, b"C", cn, sn, request)):
         raise HandshakeError("wrong secret")
-    verb, addr, port = _REQUEST.unpack(request)
+    verb, addr, port, worker = _REQUEST.unpack(request)
     try:
-        return Verb(verb), (socket.inet_ntoa(addr), port)
+        return Request(Verb(verb), (socket.inet_ntoa(addr), port), worker)
     except ValueError:
         raise HandshakeError(f"unknown verb {verb!r}") from None

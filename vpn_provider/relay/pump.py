@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Callable
 
 # Per pipe. Linux caps a user's pipe buffers at 64 MiB in all (fs.pipe-user-pages-soft) and
 # then shrinks every new pipe of that user, the job's own included: 256 KiB x 2 pipes x 2
@@ -92,7 +93,7 @@ def close_cleanly(sock: socket.socket) -> None:
     sock.close()
 
 
-def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
+def _splice_one_way(src: socket.socket, dst: socket.socket, moved: list[int], way: int) -> None:
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         try:
@@ -110,7 +111,9 @@ def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
                 if not data:
                     return
                 dst.sendall(data)
+                moved[way] += len(data)
                 continue
+            moved[way] += n
             while n:
                 n -= os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
     finally:
@@ -125,7 +128,7 @@ def _at_urgent_mark(sock: socket.socket) -> bool:
         return False
 
 
-def _copy_one_way(src: socket.socket, dst: socket.socket) -> None:
+def _copy_one_way(src: socket.socket, dst: socket.socket, moved: list[int], way: int) -> None:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     while True:
@@ -133,6 +136,7 @@ def _copy_one_way(src: socket.socket, dst: socket.socket) -> None:
         if n == 0:
             return
         dst.sendall(view[:n])
+        moved[way] += n
 
 
 _one_way = _splice_one_way if _HAS_SPLICE else _copy_one_way
@@ -178,10 +182,13 @@ _watch = _Watch()
 
 class Flow:
     """Both directions of one relayed connection; closes both sockets when both are done.
-    ``link`` (one of the two, or None) is the socket to the node: its user timeout is paced."""
+    ``link`` (one of the two, or None) is the socket to the node: its user timeout is paced.
+    ``moved``: bytes from a to b, and from b to a, so far (each written by one thread only)."""
 
-    def __init__(self, a: socket.socket, b: socket.socket, link: socket.socket | None = None):
-        self.a, self.b, self.link = a, b, link
+    def __init__(self, a: socket.socket, b: socket.socket, link: socket.socket | None = None,
+                 on_end: Callable[["Flow"], None] | None = None):
+        self.a, self.b, self.link, self.on_end = a, b, link, on_end
+        self.moved = [0, 0]
         for s in (a, b):  # the caller should have done this at accept/connect already
             reset_on_close(s)
         self._lock = threading.Lock()
@@ -194,17 +201,19 @@ class Flow:
         if self.link is not None and _USER_TIMEOUT:
             _watch.add(self)  # before any direction can end, and with it discard the flow
         try:
-            threading.Thread(target=self._direction, args=(self.b, self.a), daemon=True).start()
+            threading.Thread(target=self._direction, args=(self.b, self.a, 1), daemon=True).start()
         except RuntimeError:  # no thread to be had: refuse the flow rather than hang it
             _watch.discard(self)
             reset(self.a)
             reset(self.b)
+            if self.on_end:
+                self.on_end(self)
             return
-        self._direction(self.a, self.b)
+        self._direction(self.a, self.b, 0)
 
-    def _direction(self, src: socket.socket, dst: socket.socket) -> None:
+    def _direction(self, src: socket.socket, dst: socket.socket, way: int) -> None:
         try:
-            _one_way(src, dst)
+            _one_way(src, dst, self.moved, way)
             with self._lock:
                 failed = self._failed
             # An end of stream after a failure is our own SHUT_RD (see _fail): pass nothing on.
@@ -219,6 +228,8 @@ class Flow:
             _watch.discard(self)
             for s in (self.a, self.b):
                 reset(s) if self._failed else close_cleanly(s)
+            if self.on_end:
+                self.on_end(self)
 
     def _fail(self) -> None:
         """Wake the other direction without sending anything: a FIN now would tell a healthy

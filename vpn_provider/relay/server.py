@@ -19,10 +19,12 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from .. import linux
 from .protocol import DEST_CONNECT_TIMEOUT, HandshakeError, Status, Verb, server_handshake
 from .pump import Flow, close_cleanly, reset, reset_on_close, tune
+from .workers import WorkerTable, serve_status
 
 log = logging.getLogger("vpn_provider.relay")
 PROCESS_NAME = "vpnp-gw-relay"
@@ -95,14 +97,19 @@ def answer(verb: Verb, dest: tuple[str, int], resolvers: tuple[str, ...]) -> tup
 
 
 def handle(client: socket.socket, key: bytes, pending: threading.Semaphore,
-           resolvers: tuple[str, ...] = ()) -> None:
+           resolvers: tuple[str, ...] = (), table: WorkerTable | None = None) -> None:
     out = None
     reset_on_close(client)  # if we die from here on, the node sees a reset, never a clean end
+    table = table or WorkerTable()
     try:
         try:
-            verb, dest = server_handshake(client, key)
+            node = client.getpeername()[0]
+            verb, dest, worker = server_handshake(client, key)
         finally:
             pending.release()
+        if verb is Verb.PRESENT:
+            _stay(client, table, node, worker)
+            return
         status, out = answer(verb, dest, resolvers)
         client.settimeout(10.0)
         client.sendall(bytes([status]))
@@ -118,11 +125,31 @@ def handle(client: socket.socket, key: bytes, pending: threading.Semaphore,
         return
     tune(client, link=True)
     tune(out, link=False)
-    Flow(client, out, link=client).run()
+    flow = Flow(client, out, link=client)
+    table.add_flow(node, worker, flow)
+    flow.run()
 
 
-def serve(listener: socket.socket, key: bytes, resolvers: tuple[str, ...] = ()) -> None:
+def _stay(client: socket.socket, table: WorkerTable, node: str, worker: int) -> None:
+    """A worker's PRESENT connection: listed for as long as it lasts (the helper sends nothing;
+    keepalives find a node that vanished)."""
+    client.settimeout(10.0)
+    client.sendall(bytes([Status.OK]))
+    client.settimeout(None)
+    tune(client, link=True)
+    with table.present(node, worker):
+        try:
+            while client.recv(4096):
+                pass
+        except OSError:
+            pass
+    reset(client)
+
+
+def serve(listener: socket.socket, key: bytes, resolvers: tuple[str, ...] = (),
+          table: WorkerTable | None = None) -> None:
     pending = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+    table = table or WorkerTable()
     while True:
         try:
             client, _ = listener.accept()
@@ -134,7 +161,7 @@ def serve(listener: socket.socket, key: bytes, resolvers: tuple[str, ...] = ()) 
             reset(client)  # a flood of unfinished handshakes: turn the newcomer away
             continue
         try:
-            threading.Thread(target=handle, args=(client, key, pending, resolvers), daemon=True).start()
+            threading.Thread(target=handle, args=(client, key, pending, resolvers, table), daemon=True).start()
         except RuntimeError:  # no thread to be had
             pending.release()
             reset(client)
@@ -144,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vpn_provider.relay.server")
     ap.add_argument("--listen-fd", type=int, required=True)
     ap.add_argument("--resolver", action="append", default=[], help="IPv4 resolver for DNS streams")
+    ap.add_argument("--status-socket", type=Path, default=None, help="Unix socket that answers with the "
+                    "workers' table as JSON (gateway status)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     linux.set_process_name(PROCESS_NAME)
@@ -153,8 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     key = bytes.fromhex(sys.stdin.readline().strip())
     sys.stdin.close()
     listener = socket.socket(fileno=args.listen_fd)
+    table = WorkerTable()
+    if args.status_socket:
+        status_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        args.status_socket.unlink(missing_ok=True)
+        status_listener.bind(str(args.status_socket))
+        status_listener.listen(16)
+        threading.Thread(target=serve_status, args=(status_listener, table), daemon=True).start()
     try:
-        serve(listener, key, tuple(args.resolver))
+        serve(listener, key, tuple(args.resolver), table)
     except KeyboardInterrupt:
         pass
     return 0

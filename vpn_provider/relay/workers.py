@@ -1,0 +1,82 @@
+"""The gateway relay's view of its workers, for ``gateway status``: per worker (its node's
+address and its number there), whether it is present, its open flows and the bytes they moved.
+
+A worker is present while its helper holds its idle PRESENT connection (the helper keeps one for
+the job's whole life), so the table lists workers that have no flow open as well.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import socket
+import threading
+
+from .pump import Flow
+
+
+@dataclasses.dataclass
+class _Tally:
+    present: int = 0  # PRESENT connections (one, but briefly two while it reconnects)
+    flows: set = dataclasses.field(default_factory=set)
+    done_up: int = 0  # bytes of ended flows, node -> destination
+    done_down: int = 0
+
+
+class WorkerTable:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._tallies: dict[tuple[str, int], _Tally] = {}
+
+    @contextlib.contextmanager
+    def present(self, node: str, worker: int):
+        with self._lock:
+            self._tallies.setdefault((node, worker), _Tally()).present += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._tallies[(node, worker)].present -= 1
+                self._forget_if_gone((node, worker))
+
+    def add_flow(self, node: str, worker: int, flow: Flow) -> None:
+        """Count ``flow`` (node side first: moved[0] is the worker's upload) until it ends."""
+        key = (node, worker)
+        with self._lock:
+            self._tallies.setdefault(key, _Tally()).flows.add(flow)
+
+        def ended(f: Flow) -> None:
+            with self._lock:
+                tally = self._tallies[key]
+                tally.flows.discard(f)
+                tally.done_up += f.moved[0]
+                tally.done_down += f.moved[1]
+                self._forget_if_gone(key)
+        flow.on_end = ended
+
+    def _forget_if_gone(self, key) -> None:
+        tally = self._tallies[key]
+        if not tally.present and not tally.flows:
+            del self._tallies[key]
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [{"node": node, "worker": f"vpnp-{worker}", "flows": len(t.flows),
+                     "bytes_up": t.done_up + sum(f.moved[0] for f in t.flows),
+                     "bytes_down": t.done_down + sum(f.moved[1] for f in t.flows)}
+                    for (node, worker), t in sorted(self._tallies.items())]
+
+
+def serve_status(listener: socket.socket, table: WorkerTable) -> None:
+    """Answer every connection on the status socket with the table as JSON, then close it."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            continue
+        with conn:
+            try:
+                conn.settimeout(5)
+                conn.sendall(json.dumps({"workers": table.snapshot()}).encode())
+            except OSError:
+                pass
