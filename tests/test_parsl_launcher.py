@@ -84,6 +84,15 @@ def test_tcp_transport_choice_reaches_the_exec_command():
         VPNLauncher(tcp="udp")
 
 
+def test_reconnect_timeout_reaches_the_exec_command_and_survives_repr():
+    assert "--reconnect-timeout" not in VPNLauncher().wrap("w")  # the default: exec's own
+    launcher = VPNLauncher(reconnect_timeout=0)
+    assert "--reconnect-timeout 0" in launcher.wrap("w")
+    assert "reconnect_timeout=0" in repr(launcher)
+    with pytest.raises(ValueError, match="reconnect_timeout"):
+        VPNLauncher(reconnect_timeout=-1)
+
+
 def test_three_argument_launchers_still_work():
     class OldLauncher(Launcher):
         def __call__(self, command, tasks_per_node, nodes_per_block):

@@ -19,6 +19,7 @@ from parsl.launchers import SingleNodeLauncher
 from parsl.launchers.base import Launcher
 
 from .relay import TCP_TRANSPORTS
+from .worker import DEFAULT_RECONNECT_TIMEOUT
 from .worker.command import exec_command_text
 
 
@@ -39,12 +40,15 @@ class VPNLauncher(Launcher):
         ``"relay"`` (default): TCP through the gateway's relay, at the link's speed;
         ``"tunnel"``: all traffic in the encrypted tunnel;
         ``"relay-only"``: no tunnel, only TCP and DNS, through the relay (smallest per worker).
+    reconnect_timeout:
+        Seconds a running worker waits for a gateway to take its tunnel back after it went away,
+        before the worker gets SIGTERM (default 600; 0: wait forever).
     """
 
     @typeguard.typechecked
     def __init__(self, launcher: Optional[Launcher] = None, ticket: Union[str, os.PathLike] = "~/.vpn/ticket.json",
                  timeout: float = 15.0, executable: str = "vpn-provider", tcp: str = "relay",
-                 debug: bool = True):
+                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, debug: bool = True):
         super().__init__(debug=debug)
         if tcp not in TCP_TRANSPORTS:
             raise ValueError(f"tcp must be one of {', '.join(TCP_TRANSPORTS)}, not {tcp!r}")
@@ -53,12 +57,17 @@ class VPNLauncher(Launcher):
         self.timeout = timeout
         self.executable = executable
         self.tcp = tcp
+        if not 0 <= reconnect_timeout < float("inf"):
+            raise ValueError(f"reconnect_timeout must be >= 0 (0: forever), not {reconnect_timeout!r}")
+        self.reconnect_timeout = reconnect_timeout
 
     def wrap(self, command: str) -> str:
         """The worker command as it runs inside the VPN."""
         prefix = [self.executable, "exec", "--ticket", os.fspath(self.ticket), "--timeout", f"{self.timeout:g}"]
         if self.tcp != "relay":
             prefix += ["--tcp", self.tcp]
+        if self.reconnect_timeout != DEFAULT_RECONNECT_TIMEOUT:
+            prefix += ["--reconnect-timeout", f"{self.reconnect_timeout:g}"]
         return exec_command_text(prefix, command)
 
     def __call__(self, command: str, tasks_per_node: int, nodes_per_block: int, script_dir: str = "") -> str:
