@@ -32,12 +32,17 @@ def _site_skip_reason() -> str | None:
     return None
 
 
+TIERS = ("pure", "userns", "site")  # in the order they run: the fast tiers first
+
+
 def pytest_collection_modifyitems(config, items):
     reason = _site_skip_reason()
-    if reason:
-        for item in items:
-            if "site" in item.keywords:
-                item.add_marker(pytest.mark.skip(reason=reason))
+    for item in items:
+        if not any(tier in item.keywords for tier in TIERS[1:]):
+            item.add_marker(pytest.mark.pure)
+        if reason and "site" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+    items.sort(key=lambda item: next(i for i, tier in enumerate(TIERS) if tier in item.keywords))
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05):

@@ -24,6 +24,8 @@ import pytest
 from tests.test_redirect import _in_namespace
 from vpn_provider.relay.protocol import relay_key
 
+pytestmark = pytest.mark.userns  # the tier that needs unprivileged user namespaces
+
 KEY = relay_key("s" * 32)
 RESOLVER = "127.0.0.2"
 UPLOAD = 8 << 20

@@ -12,6 +12,8 @@ import pytest
 
 from vpn_provider import linux
 
+pytestmark = pytest.mark.userns  # the tier that needs unprivileged user namespaces
+
 
 def _in_namespace(probe) -> dict:
     """Run ``probe()`` in a child inside a new user+net namespace; return what it returned."""
