@@ -77,3 +77,18 @@ def test_outgoing_tcp_is_redirected_except_dns_and_the_pool():
     assert seen["198.18.10.1:1094"] == "198.18.10.1:1094"  # reached our listener, destination known
     assert seen["198.18.10.1:53"] != "198.18.10.1:53"  # DNS over TCP follows the routes instead
     assert seen["100.64.0.9:80"] != "100.64.0.9:80"  # other workers stay in the tunnel
+
+
+def test_the_namespace_tells_whether_its_tcp_goes_to_the_relay():
+    """What the keeper's rejoin asks when the tunnel drops: without the redirect, the tunnel
+    carried every TCP connection and all of them are reset."""
+    def probe():
+        from vpn_provider.worker.redirect import install_redirect, redirect_installed, remove_redirect
+        before = redirect_installed()
+        install_redirect(5555, exclude=[])
+        during = redirect_installed()
+        remove_redirect()
+        return {"seen": [before, during, redirect_installed()]}
+    result = _in_namespace(probe)
+    assert "error" not in result, result["error"]
+    assert result["seen"] == [False, True, False]

@@ -269,3 +269,26 @@ def test_relay_server_drops_a_client_that_drips_its_handshake(relay_server, monk
         except (ConnectionResetError, BrokenPipeError):
             answer = b""
         assert answer == b"" and time.monotonic() - t0 < 3
+
+
+def test_a_version_1_client_is_still_served_as_worker_0():
+    """Helpers of the previous release (a 7-byte request, no worker) keep working after the
+    gateway is upgraded and restarted under them."""
+    import hashlib
+    import hmac
+    import struct
+    from vpn_provider.relay.protocol import MAC, NONCE
+    a, b = socket.socketpair()
+    result: dict = {}
+    t = threading.Thread(target=_server_thread, args=(b, KEY, result))
+    t.start()
+    cn = os.urandom(NONCE)
+    a.sendall(b"VPNP-RELAY/1\n" + cn)
+    answer = a.recv(NONCE + MAC, socket.MSG_WAITALL)
+    sn = answer[:NONCE]
+    request = struct.pack("!c4sH", b"C", socket.inet_aton("198.18.10.1"), 80)
+    a.sendall(hmac.new(KEY, b"C" + cn + sn + request, hashlib.sha256).digest() + request)
+    assert a.recv(1) == bytes([Status.OK])
+    t.join()
+    assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 80), 0)
+    a.close()

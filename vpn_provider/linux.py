@@ -128,9 +128,29 @@ def user_namespaces_allowed() -> tuple[bool, str]:
 PR_SET_NAME = 15
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one (no privilege needed)."""
+    import resource  # noqa: PLC0415
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def set_process_name(name: str) -> None:
     """What ps, top and /proc/PID/comm show (15 bytes at most)."""
     _check(_libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0), "prctl")
+
+
+def tcp_connections(ds=None) -> tuple:
+    """This network namespace's IPv4 TCP connections (pyroute2 inet_diag_msg, source address in
+    ``idiag_src``), listening sockets left out."""
+    from pyroute2 import DiagSocket  # noqa: PLC0415
+    from pyroute2.netlink.diag import SS_CONN  # noqa: PLC0415
+    if ds is None:
+        with DiagSocket() as own:
+            own.bind()
+            return tcp_connections(own)
+    return ds.get_sock_stats(family=socket.AF_INET, states=SS_CONN)
 
 
 def reset_tcp_connections(select) -> int:
@@ -140,11 +160,12 @@ def reset_tcp_connections(select) -> int:
     (an OSError otherwise). Returns how many were aborted."""
     from pyroute2 import DiagSocket  # noqa: PLC0415
     from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # noqa: PLC0415
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
     from pyroute2.netlink.diag import SOCK_DESTROY, SS_CONN, inet_diag_req  # noqa: PLC0415
     aborted = 0
     with DiagSocket() as ds:
         ds.bind()
-        for flow in ds.get_sock_stats(family=socket.AF_INET, states=SS_CONN):
+        for flow in tcp_connections(ds):
             if not select(flow):
                 continue
             req = inet_diag_req()
@@ -157,7 +178,7 @@ def reset_tcp_connections(select) -> int:
             try:
                 tuple(ds.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK))
                 aborted += 1
-            except OSError as e:
-                if e.errno != errno.ENOENT:  # already gone: fine
-                    raise
+            except NetlinkError as e:
+                if e.code != errno.ENOENT:  # already gone: fine
+                    raise OSError(e.code, os.strerror(e.code)) from None
     return aborted

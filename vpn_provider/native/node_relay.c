@@ -7,6 +7,7 @@
  *
  *   exec -> us   "IP[,IP..] PORT KEYHEX WORKER"  the gateways' relays; the key never in argv
  *   us -> exec   "OK" | "NO <reason>"        after proving the secret to the relay (a PING)
+ *   exec -> us   "T" ... + 5 fds             keep the tunnel (tunnel_keeper.c; "UP" | "DOWN" back)
  *   exec -> us   "L" + up to 3 fds           sockets exec made inside the worker's namespace:
  *                  [0] listener for redirected TCP (its SO_ORIGINAL_DST is the destination)
  *                  [1] UDP socket, [2] TCP listener: the namespace's resolver (relay-only mode)
@@ -44,7 +45,7 @@
 #include "tunnel_keeper.h"
 
 #define CTL_FD 3
-#define MAGIC "VPNP-RELAY/1\n"
+#define MAGIC "VPNP-RELAY/2\n"     /* see vpn_provider/relay/protocol.py */
 #define NONCE 16
 #define REQUEST 11                 /* verb (1) | IPv4 (4) | port (2) | worker (4) */
 #define PRESENCE_RETRY_MS 1000
@@ -66,7 +67,6 @@ static struct sockaddr_in relay_addrs[MAX_RELAYS];
 static uint32_t worker_id;  /* exec's pid, which CMD keeps: the gateway's status names us by it */
 static int n_relays;
 static atomic_int relay_in_use;
-#define relay_addr (relay_addrs[atomic_load(&relay_in_use)])
 static uint8_t key[SHA256_SIZE];
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -762,14 +762,15 @@ static void *check_relay(void *ctl_copy)
     int status = -1;
     const char *why = "";
     int probe = open_flow('P', (struct in_addr){0}, 0, &status, &why);
+    struct sockaddr_in relay = relay_addrs[atomic_load(&relay_in_use)];  /* the one that answered */
     char where[INET_ADDRSTRLEN];
-    inet_ntop(AF_INET, &relay_addr.sin_addr, where, sizeof where);
+    inet_ntop(AF_INET, &relay.sin_addr, where, sizeof where);
     if (probe < 0) {
-        report(ctl, "NO relay %s:%u: %s", where, ntohs(relay_addr.sin_port), why);
+        report(ctl, "NO relay %s:%u: %s", where, ntohs(relay.sin_port), why);
     } else {
         close(probe);
         if (status != STATUS_OK)
-            report(ctl, "NO relay %s:%u: status %d", where, ntohs(relay_addr.sin_port), status);
+            report(ctl, "NO relay %s:%u: status %d", where, ntohs(relay.sin_port), status);
         else
             report(ctl, "OK");
     }
@@ -790,12 +791,15 @@ static void *stay_present(void *unused)
             if (status == STATUS_OK) {
                 tune(fd, 1);  /* keepalives: a gateway that vanished is noticed */
                 char byte;
-                while (recv(fd, &byte, 1, 0) > 0 || errno == EINTR)
-                    ;  /* the relay sends nothing; this returns when it ends */
+                ssize_t n;
+                do  /* the relay sends nothing; this returns when it ends */
+                    n = recv(fd, &byte, 1, 0);
+                while (n > 0 || (n < 0 && errno == EINTR));
             }
             close(fd);
         }
-        struct timespec pause = {PRESENCE_RETRY_MS / 1000, (PRESENCE_RETRY_MS % 1000) * 1000000L};
+        long ms = jittered(PRESENCE_RETRY_MS);  /* after a gateway restart, not all workers at once */
+        struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
         nanosleep(&pause, NULL);
     }
     return NULL;
@@ -836,9 +840,17 @@ int main(void)
     signal(SIGTTOU, SIG_IGN);
     signal(SIGTTIN, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGCHLD, SIG_DFL);  /* inherited SIG_IGN would reap the keeper's children behind its back */
+    /* Every flow costs about six descriptors: a soft limit of 1024 would stop us near 170. */
+    struct rlimit files;
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+        files.rlim_cur = files.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &files);
+    }
 
     /* Set-up: messages from exec until it hands over the namespace's sockets ("L") or closes
-     * the control socket. "T...": keep the tunnel; otherwise "HOST PORT KEYHEX": the relay. */
+     * the control socket. "T...": keep the tunnel; otherwise "IP[,IP..] PORT KEYHEX WORKER":
+     * the relay. */
     static char msg[65536];
     int fds[MAX_PASSED_FDS], nfds, keeping = 0, listeners[3] = {-1, -1, -1};
     ssize_t n;

@@ -18,7 +18,8 @@
  * configured by the same Python code (pyroute2) at the start and after every reconnection.
  *
  * Set-up message from exec (SOCK_SEQPACKET, NUL-separated), with 5 descriptors:
- *   "T" give_up_s attempt_s tcp_mode python secret log_is_scratch preload worker n {probe_ip port url}*n argv...
+ *   "T" give_up_s attempt_s tcp_mode python pythonpath ld_library_path secret log_is_scratch preload worker
+ *       n {probe_ip port url}*n argv...   (pythonpath, ld_library_path: exec's own, "" if unset)
  *   fds: tun, openconnect's log, /proc/self/ns/{user,net,mnt} of the worker
  * Replies to exec: "UP" NUL env-blob (the first tunnel is up), or "DOWN <how it ended>".
  */
@@ -31,6 +32,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +50,7 @@
 #define MAX_ARGS 64
 #define PROBE_TIMEOUT_MS 1000
 #define PROBE_INTERVAL_MS 500
+#define MAX_BACKOFF_MS 8000
 #define REJOIN_TIMEOUT_MS 20000
 #define REPORT_END "VPNP_REPORT_END=1"
 #define REPORT_MAX (256 * 1024)
@@ -65,7 +68,9 @@ struct gateway {
 static struct {
     long give_up_s, attempt_s;
     char *tcp_mode, *python, *secret;
-    char *env[5];  /* openconnect's: PATH, LC_ALL, LD_PRELOAD, VPNP_TUN_FD */
+    char *env[6];         /* openconnect's: PATH, LC_ALL, LD_PRELOAD, VPNP_TUN_FD, LD_LIBRARY_PATH */
+    char *rejoin_env[5];  /* the rejoin tool's: PATH, LC_ALL, PYTHONPATH, LD_LIBRARY_PATH */
+    pid_t cmd;            /* our parent, CMD: the one to end if no gateway comes back */
     int log_is_scratch;
     int n_gateways;
     struct gateway gateways[MAX_GATEWAYS];
@@ -118,7 +123,7 @@ static int parse(const char *msg, size_t len)
     memcpy(k.copy, msg, len);
     k.copy[len] = 0;
     k.copy_len = len;
-    enum { FIXED = 10 };
+    enum { FIXED = 12 };
     char *fields[FIXED + 3 * MAX_GATEWAYS + MAX_ARGS];
     int n = 0;
     for (char *p = k.copy; p < k.copy + len && n < (int)(sizeof fields / sizeof *fields); p += strlen(p) + 1)
@@ -129,17 +134,27 @@ static int parse(const char *msg, size_t len)
     k.attempt_s = atol(fields[2]);
     k.tcp_mode = fields[3];
     k.python = fields[4];
-    k.secret = fields[5];
-    k.log_is_scratch = fields[6][0] == '1';
-    static char preload[4200];
-    snprintf(preload, sizeof preload, "LD_PRELOAD=%s", fields[7]);
-    k.env[0] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-    k.env[1] = "LC_ALL=C";  /* openconnect's log is read by exec's diagnosis, which knows English */
-    k.env[2] = preload;
-    k.env[3] = "VPNP_TUN_FD=4";  /* OC_TUN_FD, for the preload shim */
-    k.env[4] = NULL;
-    k.worker = fields[8];
-    k.n_gateways = atoi(fields[9]);
+    /* The rejoin tool imports what exec imported (a user site, a shared software area), and
+     * both it and openconnect may need exec's library path (an environment module's). */
+    static char pythonpath[8192], libpath[8192], preload[4200];
+    snprintf(pythonpath, sizeof pythonpath, "PYTHONPATH=%s", fields[5]);
+    snprintf(libpath, sizeof libpath, "LD_LIBRARY_PATH=%s", fields[6]);
+    k.secret = fields[7];
+    k.log_is_scratch = fields[8][0] == '1';
+    snprintf(preload, sizeof preload, "LD_PRELOAD=%s", fields[9]);
+    int e = 0, r = 0;
+    k.env[e++] = k.rejoin_env[r++] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    k.env[e++] = "LC_ALL=C";  /* openconnect's log is read by exec's diagnosis, which knows English */
+    k.rejoin_env[r++] = "LC_ALL=C.UTF-8";
+    k.env[e++] = preload;
+    k.env[e++] = "VPNP_TUN_FD=4";  /* OC_TUN_FD, for the preload shim */
+    if (fields[5][0])
+        k.rejoin_env[r++] = pythonpath;
+    if (fields[6][0])
+        k.env[e++] = k.rejoin_env[r++] = libpath;
+    k.env[e] = k.rejoin_env[r] = NULL;
+    k.worker = fields[10];
+    k.n_gateways = atoi(fields[11]);
     if (k.attempt_s <= 0 || k.n_gateways < 1 || k.n_gateways > MAX_GATEWAYS || n < FIXED + 3 * k.n_gateways + 1)
         return -1;
     for (int i = 0; i < k.n_gateways; i++) {
@@ -178,15 +193,20 @@ static int probe(const struct gateway *g)
     return ok;
 }
 
-/* In a forked child: put `from[i]` on descriptor i + first, close everything above. */
+/* In a forked child: put `from[i]` on descriptor i + first, close everything above; exit if
+ * that fails (the child must never run with some other socket of ours in a slot). */
 static void place_fds(const int *from, int count, int first)
 {
     int lifted[8];
     for (int i = 0; i < count; i++)  /* above every target first: a source may be a target */
-        lifted[i] = fcntl(from[i], F_DUPFD_CLOEXEC, 64);
+        if ((lifted[i] = fcntl(from[i], F_DUPFD_CLOEXEC, 64)) < 0)
+            _exit(127);
     for (int i = 0; i < count; i++)
-        dup2(lifted[i], first + i);
-    syscall(SYS_close_range, (unsigned)(first + count), ~0U, 0);
+        if (dup2(lifted[i], first + i) < 0)
+            _exit(127);
+    if (syscall(SYS_close_range, (unsigned)(first + count), ~0U, 0) < 0)
+        for (int fd = first + count; fd < 65536; fd++)  /* kernels before 5.9 */
+            close(fd);
 }
 
 static void default_signals(void)
@@ -200,8 +220,6 @@ static void default_signals(void)
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-/* The rejoin tool's environment: nothing of the job's. */
-static char *const rejoin_env[] = {"PATH=/usr/local/bin:/usr/bin:/bin", "LC_ALL=C.UTF-8", NULL};
 
 /* Start openconnect towards gateway `g`; *report gets the read end of its report pipe. */
 static pid_t spawn_openconnect(const struct gateway *g, int *report)
@@ -286,12 +304,14 @@ static long await_report(pid_t pid, int report, double timeout_s, char **buf, ch
             *buf = b;
             return (long)len;
         }
-        int status;
+        int status = 0;
         if (eof || waitpid(pid, &status, WNOHANG) == pid) {
-            if (!eof || waitpid(pid, &status, 0) == pid)
-                describe_exit(status, why, why_len);
-            else
-                snprintf(why, why_len, "openconnect ended");
+            /* EOF: openconnect closed the pipe on its way out; give it a moment, no more. */
+            for (int i = 0; eof && i < 50 && waitpid(pid, &status, WNOHANG) != pid; i++)
+                sleep_ms(100);
+            if (eof && kill(pid, 0) == 0)
+                stop_child(pid);
+            describe_exit(status, why, why_len);
             break;
         }
         if (timeout_s > 0 && now_s() > deadline) {
@@ -327,7 +347,8 @@ static int rejoin(const char *action, const char *report, size_t len)
     int in[2];
     if (pipe2(in, O_CLOEXEC) < 0)
         return -1;
-    char *argv[] = {k.python, "-I", "-m", "vpn_provider.worker.rejoin", (char *)action, k.tcp_mode, NULL};
+    /* Its environment is ours, not the job's: exec's import path, nothing else of Python's. */
+    char *argv[] = {k.python, "-s", "-m", "vpn_provider.worker.rejoin", (char *)action, k.tcp_mode, NULL};
     pid_t parent = getpid();
     pid_t pid = fork();
     if (pid == 0) {
@@ -336,7 +357,7 @@ static int rejoin(const char *action, const char *report, size_t len)
         int fds[] = {in[0], STDERR_FILENO, STDERR_FILENO, k.fds[FD_USER], k.fds[FD_NET], k.fds[FD_MNT]};
         place_fds(fds, 6, 0);
         default_signals();
-        execve(k.python, argv, rejoin_env);
+        execve(k.python, argv, k.rejoin_env);
         _exit(127);
     }
     close(in[0]);
@@ -364,6 +385,25 @@ static int rejoin(const char *action, const char *report, size_t len)
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
 }
 
+/* 0.5, 1, 2, 4, 8, 8... s: a login refused over and over must not cost the gateway a TLS
+ * handshake per worker every second. */
+static long backoff_ms(int failures)
+{
+    long ms = PROBE_INTERVAL_MS;
+    for (int i = 1; i < failures && ms < MAX_BACKOFF_MS; i++)
+        ms *= 2;
+    return ms < MAX_BACKOFF_MS ? ms : MAX_BACKOFF_MS;
+}
+
+/* Between ms and 1.5 ms, so that the workers of a burst do not all come back in step. */
+long jittered(long ms)
+{
+    static _Thread_local unsigned seed;
+    if (!seed)
+        seed = (unsigned)getpid() ^ (unsigned)(uintptr_t)&seed ^ (unsigned)(now_s() * 1e6);
+    return ms + (long)(rand_r(&seed) % (unsigned)(ms / 2 + 1));
+}
+
 static const char *host_of(const struct gateway *g)
 {
     return g->url + (strncmp(g->url, "https://", 8) == 0 ? 8 : 0);
@@ -379,12 +419,13 @@ static pid_t take_back(int *current, const char *lost_why)
              host_of(&k.gateways[*current]), lost_why, k.give_up_s ? "" : " until it is back");
     if (rejoin("down", "", 0) < 0)
         announce("could not take the tunnel down in the worker's namespace (see above)");
-    int next = *current;
+    int next = *current, failed_logins = 0;
     for (;;) {
         if (k.give_up_s && now_s() - lost_at > (double)k.give_up_s) {
             announce("no gateway took the tunnel back within %ld s; ending the job (SIGTERM to pid %d)",
-                     k.give_up_s, (int)getppid());
-            kill(getppid(), SIGTERM);
+                     k.give_up_s, (int)k.cmd);
+            if (getppid() == k.cmd)  /* else CMD is gone, and we are about to follow it */
+                kill(k.cmd, SIGTERM);
             return -1;
         }
         struct gateway *g = &k.gateways[next];
@@ -393,6 +434,8 @@ static pid_t take_back(int *current, const char *lost_why)
             sleep_ms(PROBE_INTERVAL_MS / k.n_gateways + 1);
             continue;
         }
+        if (failed_logins)  /* a gateway that answers but does not let us in: back off */
+            sleep_ms(jittered(backoff_ms(failed_logins)));
         int report = -1;
         char why[128] = "", *buf = NULL;
         pid_t pid = spawn_openconnect(g, &report);
@@ -412,8 +455,8 @@ static pid_t take_back(int *current, const char *lost_why)
             announce("could not configure the worker's namespace for the new tunnel; retrying");
             stop_child(pid);
         }
+        failed_logins++;
         next = (next + 1) % k.n_gateways;
-        sleep_ms(PROBE_INTERVAL_MS);
     }
 }
 
@@ -443,7 +486,7 @@ static void *keep(void *unused)
     close(k.ctl);
     free(buf);
     for (;;) {
-        int status;
+        int status = 0;
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
             ;
         describe_exit(status, why, sizeof why);
@@ -458,6 +501,7 @@ int keeper_start(const char *msg, size_t len, const int *fds, int nfds, int ctl)
     if (nfds != KEEPER_FDS || parse(msg, len) < 0)
         return -1;
     memcpy(k.fds, fds, sizeof k.fds);
+    k.cmd = getppid();
     /* Our own copy: main closes its descriptor when exec is done, and the number may then be
      * reused by a flow's socket before we answer. */
     k.ctl = fcntl(ctl, F_DUPFD_CLOEXEC, 0);

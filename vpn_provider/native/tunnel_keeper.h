@@ -11,4 +11,7 @@ int keeper_start(const char *msg, size_t len, const int *fds, int nfds, int ctl)
  * order exec gave both), so the relay's new flows go there too. */
 void gateway_in_use(int index);
 
+/* Between ms and 1.5 ms, at random: retries of many workers must not come in step. */
+long jittered(long ms);
+
 #endif

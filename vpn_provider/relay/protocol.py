@@ -4,6 +4,7 @@
     server -> client   server nonce (16), HMAC(key, "S" | cn | sn)
     client -> server   HMAC(key, "C" | cn | sn | request),
                        request = verb (1) | IPv4 (4) | port (2) | worker (4)
+                       (version 1's request, still accepted, had no worker: it reads as 0)
     server -> client   status (1); on OK the connection carries the flow's bytes from here on
 
 Two implementations speak it: this module (the gateway's relay, and ``check``'s probe) and
@@ -25,12 +26,13 @@ import struct
 import time
 from typing import NamedTuple
 
-MAGIC = b"VPNP-RELAY/1\n"
+MAGIC = b"VPNP-RELAY/2\n"
+_REQUESTS = {MAGIC: struct.Struct("!c4sHI"), b"VPNP-RELAY/1\n": struct.Struct("!c4sH")}
 HANDSHAKE_DEADLINE = 5.0  # seconds for a whole handshake, not per read: no slow-drip clients
 DEST_CONNECT_TIMEOUT = 15.0  # the gateway's connect to a destination; the client waits longer
 NONCE = 16
 MAC = 32
-_REQUEST = struct.Struct("!c4sHI")
+_REQUEST = _REQUESTS[MAGIC]
 
 
 class Verb(bytes, enum.Enum):
@@ -103,16 +105,17 @@ def server_handshake(sock: socket.socket, key: bytes) -> Request:
     """Run the server side; return the verified request. The caller sends the status."""
     deadline = time.monotonic() + HANDSHAKE_DEADLINE
     hello = recv_exact(sock, len(MAGIC) + NONCE, deadline)
-    if not hello.startswith(MAGIC):
-        raise HandshakeError("not a relay client")
+    layout = _REQUESTS.get(hello[:len(MAGIC)])  # every version's magic has the same length
+    if layout is None:
+        raise HandshakeError("not a relay client (or a version this gateway does not speak)")
     cn, sn = hello[len(MAGIC):], os.urandom(NONCE)
     sock.sendall(sn + _mac(key, b"S", cn, sn))
-    proof = recv_exact(sock, MAC + _REQUEST.size, deadline)
+    proof = recv_exact(sock, MAC + layout.size, deadline)
     client_mac, request = proof[:MAC], proof[MAC:]
     if not hmac.compare_digest(client_mac, _mac(key, b"C", cn, sn, request)):
         raise HandshakeError("wrong secret")
-    verb, addr, port, worker = _REQUEST.unpack(request)
+    verb, addr, port, *worker = layout.unpack(request)
     try:
-        return Request(Verb(verb), (socket.inet_ntoa(addr), port), worker)
+        return Request(Verb(verb), (socket.inet_ntoa(addr), port), worker[0] if worker else 0)
     except ValueError:
         raise HandshakeError(f"unknown verb {verb!r}") from None

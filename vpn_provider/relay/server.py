@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     linux.set_process_name(PROCESS_NAME)
+    linux.raise_open_file_limit()  # every flow holds six descriptors; 1024 would stop us near 170
     # SIGTERM (`gateway stop`) must kill at once, even if our parent ignored it: the kernel then
     # resets every flow (see pump), and no application takes a cut stream for a whole one.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import socket
 import threading
+import time
 
 from .pump import Flow
 
@@ -72,7 +73,8 @@ def serve_status(listener: socket.socket, table: WorkerTable) -> None:
     while True:
         try:
             conn, _ = listener.accept()
-        except OSError:
+        except OSError:  # EMFILE and friends: breathe, or the loop would starve the flows
+            time.sleep(0.1)
             continue
         with conn:
             try:

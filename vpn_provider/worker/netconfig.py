@@ -9,6 +9,7 @@ import tempfile
 from pyroute2 import IPRoute
 
 from .. import linux
+from .redirect import redirect_installed
 from .vpnc_env import TunnelParams
 
 # Unix sockets through which glibc would resolve names on the *host's* network, not ours.
@@ -28,11 +29,17 @@ def configure_links(p: TunnelParams) -> None:
         ipr.link("set", index=lo, state="up")
         tun = ipr.link_lookup(ifname=p.tundev)[0]
         ipr.link("set", index=tun, mtu=p.mtu, state="up")
+        relayed = redirect_installed()
         for old in ipr.get_addr(index=tun, family=socket.AF_INET):
             address, prefixlen = old.get_attr("IFA_ADDRESS"), old["prefixlen"]
             if (address, prefixlen) != (str(p.address.ip), p.address.network.prefixlen):
                 ipr.addr("del", index=tun, address=address, prefixlen=prefixlen)
+                if relayed:
+                    # Relayed connections keep the old address as their source, and the relay
+                    # still carries them: the helper's replies must stay local, not go to vpn0.
+                    ipr.addr("replace", index=lo, address=address, prefixlen=32)
         ipr.addr("replace", index=tun, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
+        _forget_unused_old_addresses(ipr, lo)
         if p.split_include:
             for net in p.split_include:
                 ipr.route("replace", dst=str(net), oif=tun)
@@ -40,12 +47,23 @@ def configure_links(p: TunnelParams) -> None:
             ipr.route("replace", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
 
 
+def _forget_unused_old_addresses(ipr, lo: int) -> None:
+    """Old tunnel addresses kept on lo (above) go once no TCP connection uses them."""
+    in_use = {flow["idiag_src"] for flow in linux.tcp_connections()}
+    for a in ipr.get_addr(index=lo, family=socket.AF_INET):
+        address = a.get_attr("IFA_ADDRESS")
+        if a["prefixlen"] == 32 and address not in in_use and address != RELAY_ONLY_DUMMY_ADDRESS \
+                and not address.startswith("127."):
+            ipr.addr("del", index=lo, address=address, prefixlen=32)
+
+
 def take_tunnel_down(tundev: str, *, all_tcp: bool) -> int:
     """The gateway is gone: down goes the tun device, and with it its routes, so new connections
     fail at once ("Network is unreachable") instead of waiting. TCP connections the tunnel
     carried are reset (a transfer must fail, not hang): all of them with ``all_tcp``, else those
     to the VPN's own network and to port 53 (the relay carries the rest, and they live on).
-    Returns how many were reset."""
+    Returns how many were reset. Raises OSError if the kernel cannot reset connections
+    (no CONFIG_INET_DIAG_DESTROY); the device is down by then."""
     with IPRoute() as ipr:
         tun = ipr.link_lookup(ifname=tundev)[0]
         local = [ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")

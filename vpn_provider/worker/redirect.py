@@ -92,6 +92,12 @@ def install_redirect(port: int, exclude: list[ipaddress.IPv4Network], *, dns_sta
         nft.rule("add", table=TABLE, chain=CHAIN, expressions=[redirect_rule(port, exclude)])
 
 
+def redirect_installed() -> bool:
+    """Whether this namespace sends its TCP to the relay."""
+    with _nftables() as nft:
+        return any(t.get_attr("NFTA_TABLE_NAME") == TABLE for t in nft.get_tables())
+
+
 def remove_redirect() -> None:
     """Undo install_redirect (when the helper that should serve the port is gone)."""
     with _nftables() as nft:

@@ -28,9 +28,16 @@ def main(argv: list[str]) -> int:
     for fd in (_USER_NS, _NET_NS, _MNT_NS):
         linux.setns(fd)
     from . import netconfig, vpnc_env  # noqa: PLC0415 - pyroute2 only once inside
+    from .redirect import redirect_installed  # noqa: PLC0415
     from .tunnel import TUN_NAME  # noqa: PLC0415
     if action == "down":
-        netconfig.take_tunnel_down(TUN_NAME, all_tcp=tcp_mode == "tunnel")
+        # No redirect in the namespace (--tcp tunnel, or the relay did not answer at the start):
+        # the tunnel carried every TCP connection.
+        try:
+            netconfig.take_tunnel_down(TUN_NAME, all_tcp=tcp_mode == "tunnel" or not redirect_installed())
+        except OSError as e:
+            print(f"vpn-provider: cannot reset the tunnel's TCP connections ({e.strerror or e}; the kernel "
+                  "needs CONFIG_INET_DIAG_DESTROY): they end by TCP's own time-outs", file=sys.stderr)
         return 0
     params = vpnc_env.parse(vpnc_env.parse_nul_separated(report))
     netconfig.configure_links(params)
@@ -41,6 +48,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main(sys.argv[1:]))
-    except (OSError, ValueError) as e:  # one line on the job's stderr, never a traceback
+    except Exception as e:  # noqa: BLE001 - pyroute2's NetlinkError too: one line on the job's stderr
         print(f"vpn-provider: reconfiguring the worker's namespace: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import math
 import os
 import select
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -50,10 +52,12 @@ class KeeperSpec:
     preload: str  # the shim that hands openconnect our tun device
     worker: str  # the worker's name in the gateway's status (openconnect's --local-hostname)
 
-    def message(self, python: str) -> bytes:
-        fields = ["T", str(int(self.give_up_after)), str(max(1, int(self.attempt_timeout))), self.tcp_mode,
-                  python, self.secret, "1" if self.log_is_scratch else "0", self.preload, self.worker,
-                  str(len(self.gateways))]
+    def message(self, python: str, pythonpath: str, ld_library_path: str) -> bytes:
+        """``python`` and ``pythonpath``: how the keeper runs the rejoin tool (exec's interpreter
+        and import path); ``ld_library_path``: exec's, for it and for openconnect."""
+        fields = ["T", str(math.ceil(self.give_up_after)), str(max(1, math.ceil(self.attempt_timeout))),
+                  self.tcp_mode, python, pythonpath, ld_library_path, self.secret,
+                  "1" if self.log_is_scratch else "0", self.preload, self.worker, str(len(self.gateways))]
         for gw in self.gateways:
             fields += [ipv4_of(gw), str(gw.port), f"https://{gw}/"]
         fields += self.openconnect_argv
@@ -109,7 +113,9 @@ class RelayHelper:
                     namespaces: list[int]) -> None:
         """Hand the keeper the tun device, openconnect's log and the worker's user, network and
         mount namespaces; it starts openconnect at once."""
-        socket.send_fds(self._ctl, [spec.message(python)], [tun_fd, log_fd, *namespaces])
+        pythonpath = os.pathsep.join(p for p in sys.path if p)
+        message = spec.message(python, pythonpath, os.environ.get("LD_LIBRARY_PATH", ""))
+        socket.send_fds(self._ctl, [message], [tun_fd, log_fd, *namespaces])
 
     def tunnel_report(self, timeout: float) -> bytes | str | None:
         """openconnect's report (env -0) once the first tunnel is up; a str saying how openconnect
