@@ -346,8 +346,11 @@ def _probe_paused_reader() -> dict:
         uploading.start()
         time.sleep(0.5)
         out["before"] = _user_timeout_of_peer(helper.pid, port)
-        time.sleep(6.5)  # past one look (every 5 s) at the window
-        out["paused"] = _user_timeout_of_peer(helper.pid, port)
+        # One look at the window comes every 5 s: wait for the change, up to a few looks.
+        deadline = time.monotonic() + 20
+        while (paused := _user_timeout_of_peer(helper.pid, port)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out["paused"] = paused
         SINK_OPEN.set()
         uploading.join(30)
         out["intact"] = _recv_exact(s, 32) == hashlib.sha256(payload).digest()

@@ -132,8 +132,11 @@ def _read_and_cut(site_env, state: Path, url: str, cut, tcp: str = "relay-only")
         size = lambda: out.stat().st_size if out.exists() else 0  # noqa: E731
         assert wait_until(lambda: size() >= CUT_AFTER or reader.poll() is not None, 60), "the stream never started"
         assert reader.poll() is None, reader.communicate()
-        relayed = _flow_connections(site).get(site_env.node.ns, [])
-        assert any(f":{RELAY_PORT} " in ln + " " for ln in relayed), "the relay does not carry the stream"
+        # The gateway's relay process holds the stream's far end (not slirp4netns: the tunnel).
+        at_login = subprocess.run(site.as_root(site.login, ["ss", "-tnpH", "state", "established"]),
+                                  capture_output=True, text=True).stdout.splitlines()
+        assert any(f":{STREAM_PORT} " in ln and "vpnp-gw-relay" in ln for ln in at_login), \
+            f"the relay does not carry the stream: {at_login}"
         t0 = time.monotonic()
         cut(reader.pid)
         _, stderr = reader.communicate(timeout=90)
