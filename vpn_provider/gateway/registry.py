@@ -37,7 +37,11 @@ def locked(cred_dir: Path):
     cred_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(cred_dir / "gateways.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # Lustre mounted with noflock, for one
+            raise GatewayError(f"cannot lock {cred_dir / 'gateways.lock'}: {e.strerror}",
+                               "put --credentials on a filesystem with file locks (home, NFS with locking)") from None
         yield
     finally:
         os.close(fd)
@@ -48,13 +52,12 @@ def entry_name(state_dir: Path) -> str:
     return f"{socket.gethostname()}-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]}"
 
 
-def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_port: int) -> tuple[Endpoint, ...]:
-    """Record this gateway; return every registered gateway's addresses, this one's first.
-    Call with ``locked(cred_dir)`` held."""
+def others(cred_dir: Path, name: str, relay_port: int) -> list[Endpoint]:
+    """The other registered gateways' addresses; GatewayError if one uses another relay port
+    (checked before start-up too, so a mismatch fails fast). Call with ``locked`` held."""
     entries = cred_dir / _ENTRIES
-    entries.mkdir(mode=0o700, exist_ok=True)
-    others: list[Endpoint] = []
-    for path in sorted(entries.glob("*.json")):
+    found: list[Endpoint] = []
+    for path in sorted(entries.glob("*.json")) if entries.is_dir() else ():
         if path.stem == name:
             continue
         try:
@@ -68,8 +71,17 @@ def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_p
             raise GatewayError(f"the gateway in {path} uses relay port {their_relay or 'none'}, this one "
                                f"{relay_port or 'none'}", "give every gateway sharing credentials the same "
                                "--relay-port (and all or none --no-relay)")
-        others += theirs
+        found += theirs
+    return found
+
+
+def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_port: int) -> tuple[Endpoint, ...]:
+    """Record this gateway; return every registered gateway's addresses, this one's first.
+    Call with ``locked(cred_dir)`` held."""
+    entries = cred_dir / _ENTRIES
+    entries.mkdir(mode=0o700, exist_ok=True)
+    theirs = others(cred_dir, name, relay_port)
     tmp = entries / f".{name}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"gateways": [str(e) for e in endpoints], "relay_port": relay_port}) + "\n")
     os.replace(tmp, entries / f"{name}.json")
-    return tuple(dict.fromkeys((*endpoints, *others)))
+    return tuple(dict.fromkeys((*endpoints, *theirs)))

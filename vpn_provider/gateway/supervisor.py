@@ -92,7 +92,9 @@ class Supervisor:
         cfg.run_dir.mkdir(mode=0o700, exist_ok=True)
         hosts = host_addresses()
         endpoints = advertised_endpoints(cfg, hosts)
+        relay_port = cfg.relay_endpoint.port if cfg.relay else 0
         with registry.locked(cfg.credentials):  # another gateway may be creating them right now
+            registry.others(cfg.credentials, registry.entry_name(cfg.state_dir), relay_port)  # fail fast
             creds = ensure_credentials(cfg.credentials, [e.host for e in endpoints])
         backend = egress.select(cfg.egress)
         dns = cfg.dns or tuple(host_resolvers()) or (
@@ -121,7 +123,6 @@ class Supervisor:
                                       resolvers=relay_resolvers, status_socket=cfg.run_dir / RELAY_STATUS_SOCKET)
             self.relay.start()
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
-        relay_port = cfg.relay_endpoint.port if cfg.relay else 0
         with registry.locked(cfg.credentials):
             every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)
             ticket = Ticket(gateways=every_gateway, pin=creds.pin, user=creds.user, secret=creds.secret,

@@ -29,6 +29,7 @@ from ..errors import TunnelError
 from ..ticket import Endpoint
 
 _CTL_FD = 3
+MAX_GATEWAYS = 64  # addresses the helper takes: MAX_GATEWAYS in tunnel_keeper.c, MAX_RELAYS in node_relay.c
 BINARY = Path(__file__).resolve().parent.parent / "_node_relay"
 
 
@@ -71,6 +72,7 @@ class RelayHelper:
     def __init__(self, relay: Endpoint | None, key: bytes | None, *, alternatives: tuple[Endpoint, ...] = ()):
         self.relay = relay
         binary = helper_binary()
+        _within_limit(1 + len(alternatives))
         addresses = ",".join(ipv4_of(r) for r in (relay, *alternatives)) if relay else ""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
@@ -113,6 +115,7 @@ class RelayHelper:
                     namespaces: list[int]) -> None:
         """Hand the keeper the tun device, openconnect's log and the worker's user, network and
         mount namespaces; it starts openconnect at once."""
+        _within_limit(len(spec.gateways))
         pythonpath = os.pathsep.join(p for p in sys.path if p)
         message = spec.message(python, pythonpath, os.environ.get("LD_LIBRARY_PATH", ""))
         socket.send_fds(self._ctl, [message], [tun_fd, log_fd, *namespaces])
@@ -150,6 +153,12 @@ class RelayHelper:
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def _within_limit(count: int) -> None:
+    if count > MAX_GATEWAYS:
+        raise TunnelError(f"the ticket names {count} gateway addresses; a worker takes at most {MAX_GATEWAYS}",
+                          "advertise fewer addresses per gateway (gateway --advertise)")
 
 
 def ipv4_of(endpoint: Endpoint) -> str:
