@@ -2,7 +2,7 @@
 
 - ``_tunfd_preload``: the LD_PRELOAD shim that hands openconnect a tun device from the worker's
   namespace. Built as an extension module, but never imported, only preloaded into openconnect.
-- ``_node_relay``: the worker's companion, a small executable (about 1 MB resident, where a
+- ``_node_helper``: the worker's companion, a small executable (about 1 MB resident, where a
   Python helper costs 11 MB per worker): the node's end of the TCP relay, and the keeper that
   runs openconnect and brings the tunnel back after the gateway restarts.
 """
@@ -20,9 +20,9 @@ class BuildWithNodeRelay(build_ext):
         super().run()
         # Next to the preload shim: the build tree, or the source tree for editable installs.
         out_dir = os.path.dirname(self.get_ext_fullpath("vpn_provider._tunfd_preload"))
-        objects = self.compiler.compile([f"{NATIVE}/node_relay.c", f"{NATIVE}/sha256.c", f"{NATIVE}/tunnel_keeper.c"],
+        objects = self.compiler.compile([f"{NATIVE}/node_helper.c", f"{NATIVE}/sha256.c", f"{NATIVE}/tunnel_keeper.c"],
                                         output_dir=self.build_temp, extra_postargs=FLAGS)
-        self.compiler.link_executable(objects, "_node_relay", output_dir=out_dir,
+        self.compiler.link_executable(objects, "_node_helper", output_dir=out_dir,
                                       extra_postargs=["-pthread", "-s"])
 
 

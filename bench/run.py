@@ -32,7 +32,7 @@ VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
 PATHS = ("native", "ours", "ours-tunnel", "ours-relay-only", "prototype")
 PROTOTYPE_PORT = "8450"
 IPERF_BASE_PORT = 5201
-DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns", "vpnp-node-relay", "vpnp-gw-relay"}
+DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns", "vpnp-helper", "vpnp-gw-relay"}
 _START_AT = ("import os, sys, time; time.sleep(max(0.0, float(sys.argv[1]) - time.time())); "
              "os.execvp(sys.argv[2], sys.argv[2:])")
 _WAIT_ROUTE = "for i in $(seq 200); do ip route | grep -q default && break; sleep 0.05; done; exec \"$@\""
@@ -238,8 +238,8 @@ class Bench:
         """RSS of one worker's tunnel processes (the issue's measure; it counts shared library
         pages in full), and with four workers on the node their PSS and private memory each."""
         out = {}
-        for path, comms in (("ours", {"openconnect", "vpnp-node-relay"}), ("ours-tunnel", {"openconnect"}),
-                            ("ours-relay-only", {"vpnp-node-relay"}), ("prototype", {"openconnect", "vpnns"})):
+        for path, comms in (("ours", {"openconnect", "vpnp-helper"}), ("ours-tunnel", {"openconnect", "vpnp-helper"}),
+                            ("ours-relay-only", {"vpnp-helper"}), ("prototype", {"openconnect", "vpnns"})):
             # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
             rss = self._hold(path, 1, 4, 2.5, lambda: self.memory_kb_by_comm(comms))
             out[f"{path}_worker_tunnel_mb"] = sum(rss.values()) / 1024

@@ -134,7 +134,7 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
     try:
         assert wait_until(lambda: _comm(proc.pid) == "sleep", 60), proc.stderr.read() if proc.poll() is not None else "CMD never got to sleep"
         companions = {pid: _comm(pid) for pid in set(site.user_pids()) - site_env.baseline - {proc.pid}}
-        assert sorted(companions.values()) == ["vpnp-node-relay"], companions
+        assert sorted(companions.values()) == ["vpnp-helper"], companions
         [helper] = companions
         rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{helper}/status").read_text()).group(1))
         assert rss_kb < 4096, f"the helper takes {rss_kb} kB"

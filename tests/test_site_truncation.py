@@ -186,7 +186,7 @@ def test_sigkill_of_the_node_helper_resets_a_length_less_stream(site_env, stream
     its flows must end with a reset, here and at the gateway, not wait for the rest forever."""
     site = site_env.site
     result = _read_and_cut(site_env, gateway, stream_url, lambda reader: _kill(
-        _child_named(site, reader, "vpnp-node-relay")))
+        _child_named(site, reader, "vpnp-helper")))
     _assert_reset(result, within=5)
 
 

@@ -17,7 +17,7 @@ from .gateway.supervisor import probe_pin
 from .relay.client import probe
 from .relay.protocol import relay_key
 from .ticket import Endpoint, Ticket
-from .worker.relay_helper import helper_binary
+from .worker.node_helper import helper_binary
 from .worker.tunnel import preload_library
 
 OK, FAIL, WARN = "ok", "FAIL", "warn"

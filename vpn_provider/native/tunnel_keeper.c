@@ -1,5 +1,5 @@
 /*
- * The worker's tunnel, kept up for the job's whole life (a thread of vpnp-node-relay).
+ * The worker's tunnel, kept up for the job's whole life (a thread of vpnp-helper).
  *
  * openconnect can resume a session only while the gateway remembers it; a restarted or crashed
  * gateway (ocserv) forgets every session, and openconnect then exits. So the keeper runs

@@ -7,7 +7,7 @@
  * the worker's user, net and mount namespaces). Replies go to `ctl`. 0, or -1 if malformed. */
 int keeper_start(const char *msg, size_t len, const int *fds, int nfds, int ctl);
 
-/* Provided by node_relay.c: the keeper moved to the ticket's gateway number `index` (in the
+/* Provided by node_helper.c: the keeper moved to the ticket's gateway number `index` (in the
  * order exec gave both), so the relay's new flows go there too. */
 void gateway_in_use(int index);
 

@@ -1,7 +1,7 @@
 """A Python client of the relay, for ``check``: connect, prove the secret, read the status.
 
-The client that carries workers' flows is the native helper (``native/node_relay.c``, started
-by ``vpn_provider.worker.relay_helper``); this one only asks the relay whether it answers.
+The client that carries workers' flows is the native helper (``native/node_helper.c``, started
+by ``vpn_provider.worker.node_helper``); this one only asks the relay whether it answers.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
     server -> client   status (1); on OK the connection carries the flow's bytes from here on
 
 Two implementations speak it: this module (the gateway's relay, and ``check``'s probe) and
-``native/node_relay.c`` (the worker's helper).
+``native/node_helper.c`` (the worker's helper).
 
 The secret never crosses the wire, and a recorded handshake is useless because each side's
 proof covers the other side's fresh nonce. The flow's bytes are not encrypted: they are what

@@ -10,7 +10,7 @@ is no first rule: the resolver is the helper's, on 127.0.0.1, and other port 53 
 
 Runs inside the worker's namespace, where our user namespace gives us CAP_NET_ADMIN; no nft or
 iptables binary is needed. The relay helper finds each connection's real destination with
-SO_ORIGINAL_DST (``native/node_relay.c``).
+SO_ORIGINAL_DST (``native/node_helper.c``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Bring the tunnel up for one command, then become that command.
 
 Sequence (every step unprivileged):
-  1. fork the node helper (``relay_helper``) while we are still in the host's network namespace;
+  1. fork the node helper (``node_helper``) while we are still in the host's network namespace;
   2. enter a new user+network+mount namespace and create the tun device there;
   3. pass the helper the tun fd and the namespaces (SCM_RIGHTS); its tunnel keeper starts
      openconnect, and a preload shim makes openconnect use that tun fd;
@@ -39,7 +39,7 @@ from ..ticket import Endpoint, Ticket
 from . import DEFAULT_RECONNECT_TIMEOUT, netconfig, vpnc_env
 from .diagnose import classify
 from .redirect import install_redirect, remove_redirect
-from .relay_helper import KeeperSpec, RelayHelper
+from .node_helper import KeeperSpec, NodeHelper
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Tunnel:
         self.timeout = timeout
         self.log_file = log_file
         self.reconnect_timeout = reconnect_timeout
-        self.helper: RelayHelper | None = None
+        self.helper: NodeHelper | None = None
         self.endpoint: Endpoint | None = None
 
     def openconnect_argv(self) -> list[str]:
@@ -149,7 +149,7 @@ class Tunnel:
                           worker=worker_name())
         # Forked first, before any descriptor below exists, so it holds none of them open.
         # The relay list in the keeper's order: when the keeper moves, the relay follows.
-        helper = RelayHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None,
+        helper = NodeHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None,
                              alternatives=tuple(self.ticket.relay(g) for g in gateways[1:]) if relay_endpoint else ())
         self.helper = helper
         with _undone_on_failure(self.kill_helper):
@@ -191,7 +191,7 @@ class Tunnel:
         candidates = tuple(self.ticket.relay(g) for g in hosts) + hosts
         chosen = pick_endpoint(candidates, max(0.1, deadline - time.monotonic() - 1.0))
         self.endpoint = hosts[candidates.index(chosen) % len(hosts)] if chosen else hosts[0]
-        relay = RelayHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret),
+        relay = NodeHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret),
                             alternatives=tuple(self.ticket.relay(g) for g in hosts if g != self.endpoint))
         self.helper = relay
         with _undone_on_failure(relay.abandon):
@@ -247,7 +247,7 @@ def _undone_on_failure(undo):
         raise
 
 
-def _activate_relay(helper: RelayHelper, params: vpnc_env.TunnelParams, deadline: float) -> None:
+def _activate_relay(helper: NodeHelper, params: vpnc_env.TunnelParams, deadline: float) -> None:
     """Send the namespace's TCP through the relay if it answered; else leave TCP in the tunnel
     (and say so: the job works, only slower). The helper keeps the tunnel either way."""
     problem = helper.verdict(min(RELAY_VERDICT_WAIT, deadline - time.monotonic()))
@@ -273,7 +273,7 @@ def _bound(kind: int, address: tuple[str, int]) -> socket.socket:
     return sock
 
 
-def _hand_namespace_to(relay: RelayHelper, *, exclude: list, relay_only: bool) -> str:
+def _hand_namespace_to(relay: NodeHelper, *, exclude: list, relay_only: bool) -> str:
     """Redirect the namespace's TCP to a listener and hand it to the helper (in relay-only mode
     also a resolver on 127.0.0.1:53, UDP and TCP); '' or what went wrong."""
     sockets: list[socket.socket] = []

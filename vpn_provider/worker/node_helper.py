@@ -1,5 +1,5 @@
-"""``exec``'s handle on the node's helper (``native/node_relay.c`` and ``native/tunnel_keeper.c``,
-built as ``vpn_provider/_node_relay``): the worker's end of the TCP relay, and the keeper that
+"""``exec``'s handle on the node's helper (``native/node_helper.c`` and ``native/tunnel_keeper.c``,
+built as ``vpn_provider/_node_helper``): the worker's end of the TCP relay, and the keeper that
 runs openconnect and brings the tunnel back after the gateway restarts.
 
 The helper is forked while ``exec`` is still in the node's network namespace, so its sockets to
@@ -29,13 +29,13 @@ from ..errors import TunnelError
 from ..ticket import Endpoint
 
 _CTL_FD = 3
-MAX_GATEWAYS = 64  # addresses the helper takes: MAX_GATEWAYS in tunnel_keeper.c, MAX_RELAYS in node_relay.c
-BINARY = Path(__file__).resolve().parent.parent / "_node_relay"
+MAX_GATEWAYS = 64  # addresses the helper takes: MAX_GATEWAYS in tunnel_keeper.c, MAX_RELAYS in node_helper.c
+BINARY = Path(__file__).resolve().parent.parent / "_node_helper"
 
 
 def helper_binary() -> str:
     if not os.access(BINARY, os.X_OK):
-        raise TunnelError("the node helper vpn_provider/_node_relay is missing",
+        raise TunnelError("the node helper vpn_provider/_node_helper is missing",
                           "reinstall vpn-provider (needs a C compiler)")
     return str(BINARY)
 
@@ -65,7 +65,7 @@ class KeeperSpec:
         return "\0".join(fields).encode()
 
 
-class RelayHelper:
+class NodeHelper:
     """The node's helper process. ``relay``/``key``: the relay to check and use (None: tunnel
     only); ``alternatives``: the other gateways' relays, on the same port, for when it dies."""
 

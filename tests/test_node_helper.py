@@ -1,4 +1,4 @@
-"""The native node relay helper (native/node_relay.c) against the Python relay server, in a
+"""The native node relay helper (native/node_helper.c) against the Python relay server, in a
 throwaway user+net namespace (the tier that needs user namespaces; nothing leaves it).
 
 The helper's resolver sockets (relay-only mode) carry DNS streams to the server's "resolver",
@@ -148,14 +148,14 @@ def _probe_helper(client_key: bytes) -> dict:
     from pyroute2 import IPRoute
     from vpn_provider.relay import server
     from vpn_provider.ticket import Endpoint
-    from vpn_provider.worker.relay_helper import RelayHelper
+    from vpn_provider.worker.node_helper import NodeHelper
     from vpn_provider.worker.tunnel import _hand_namespace_to
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     relay = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=server.serve, args=(relay, KEY, (RESOLVER,)), daemon=True).start()
     _serve_forever(socket.create_server((RESOLVER, 53)), _scenario)
-    helper = RelayHelper(Endpoint("127.0.0.1", relay.getsockname()[1]), client_key)
+    helper = NodeHelper(Endpoint("127.0.0.1", relay.getsockname()[1]), client_key)
     verdict = helper.verdict(10)
     if verdict:
         helper.abandon()
@@ -227,7 +227,7 @@ def _probe_cut(cut: str) -> dict:
     SIGKILL mid-stream. How did the reading application, and the far end, see the end?"""
     from pyroute2 import IPRoute
     from vpn_provider.ticket import Endpoint
-    from vpn_provider.worker.relay_helper import RelayHelper
+    from vpn_provider.worker.node_helper import NodeHelper
     from vpn_provider.worker.tunnel import _hand_namespace_to
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -237,7 +237,7 @@ def _probe_cut(cut: str) -> dict:
                                f"--resolver={RESOLVER}"], stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
     server.stdin.write(KEY.hex().encode() + b"\n")
     server.stdin.close()
-    helper = RelayHelper(Endpoint("127.0.0.1", listener.getsockname()[1]), KEY)
+    helper = NodeHelper(Endpoint("127.0.0.1", listener.getsockname()[1]), KEY)
     try:
         verdict = helper.verdict(10) or _hand_namespace_to(helper, exclude=[], relay_only=True)
         if verdict:
@@ -326,7 +326,7 @@ def _probe_paused_reader() -> dict:
     from pyroute2 import IPRoute
     from vpn_provider.relay import server
     from vpn_provider.ticket import Endpoint
-    from vpn_provider.worker.relay_helper import RelayHelper
+    from vpn_provider.worker.node_helper import NodeHelper
     from vpn_provider.worker.tunnel import _hand_namespace_to
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -334,7 +334,7 @@ def _probe_paused_reader() -> dict:
     port = relay.getsockname()[1]
     threading.Thread(target=server.serve, args=(relay, KEY, (RESOLVER,)), daemon=True).start()
     _serve_forever(socket.create_server((RESOLVER, 53)), _scenario)
-    helper = RelayHelper(Endpoint("127.0.0.1", port), KEY)
+    helper = NodeHelper(Endpoint("127.0.0.1", port), KEY)
     verdict = helper.verdict(10) or _hand_namespace_to(helper, exclude=[], relay_only=True)
     if verdict:
         helper.abandon()
@@ -448,7 +448,7 @@ def test_native_pump_passes_a_reset_on_as_a_reset(helper_run):
 
 def test_native_helper_stays_small(helper_run):
     """The point of writing it in C: a worker carries it for its whole life."""
-    assert helper_run["comm"] == "vpnp-node-relay"
+    assert helper_run["comm"] == "vpnp-helper"
     assert helper_run["rss_kb"] < 4096
 
 
@@ -462,10 +462,10 @@ def test_missing_helper_is_a_one_line_error_naming_the_remedy(monkeypatch, tmp_p
     """The helper keeps the tunnel in every mode: without it exec fails at once, in one line."""
     from vpn_provider.errors import TunnelError
     from vpn_provider.ticket import Endpoint
-    from vpn_provider.worker import relay_helper
-    monkeypatch.setattr(relay_helper, "BINARY", tmp_path / "no-such-helper")
+    from vpn_provider.worker import node_helper
+    monkeypatch.setattr(node_helper, "BINARY", tmp_path / "no-such-helper")
     for relay in (Endpoint("127.0.0.1", 9), None):
         with pytest.raises(TunnelError) as caught:
-            relay_helper.RelayHelper(relay, relay_key("s" * 32) if relay else None)
+            node_helper.NodeHelper(relay, relay_key("s" * 32) if relay else None)
         assert "node helper" in str(caught.value) and "reinstall" in str(caught.value)
         assert "\n" not in str(caught.value)

@@ -1,5 +1,6 @@
 /*
- * vpnp-node-relay: the worker's end of the TCP relay (see vpn_provider/relay/protocol.py).
+ * vpnp-helper: the worker's companion on its node. It is the worker's end of the TCP relay (see
+ * vpn_provider/relay/protocol.py), and its thread in tunnel_keeper.c keeps the tunnel.
  *
  * `vpn-provider exec` starts one per worker, in the node's own network namespace, and it lives
  * as long as the job. It is C so that it costs the job about 1 MB of memory, not the 11 MB of
@@ -830,7 +831,7 @@ static ssize_t receive(char *buf, size_t size, int *fds, int *nfds)
 
 int main(void)
 {
-    prctl(PR_SET_NAME, "vpnp-node-relay");
+    prctl(PR_SET_NAME, "vpnp-helper");
     struct rlimit no_core = {0, 0};
     setrlimit(RLIMIT_CORE, &no_core);  /* a crash must not write the key to disk */
     /* Terminal signals are CMD's business (exec put us in our own process group); SIGTTOU
