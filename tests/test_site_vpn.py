@@ -153,8 +153,10 @@ def _comm(pid: int) -> str:
 
 
 def _count_clients(site_env) -> int:
-    out = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(site_env.gateway_dir))
-    return int(re.search(r"(\d+) client", out.stdout).group(1))
+    """Workers with a tunnel session at the session's gateway."""
+    out = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(site_env.gateway_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    return sum(w["vpn_ip"] != "" for w in json.loads(out.stdout)["workers"])
 
 
 def test_pasta_egress_carries_traffic(site_env):
