@@ -70,10 +70,15 @@ def test_signal_stops_cmd_and_tunnel(site_env, signum):
     proc = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--", "sleep", "300"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # `ip netns exec`, setpriv and env all exec, so proc.pid becomes vpn-provider, then sleep.
-    assert wait_until(lambda: _comm(proc.pid) == "sleep", 20), "CMD never started"
-    assert _count_clients(site_env) == 1
-    os.kill(proc.pid, signum)
-    assert proc.wait(timeout=10) == -signum
+    try:
+        assert wait_until(lambda: _comm(proc.pid) == "sleep", 20), "CMD never started"
+        assert _count_clients(site_env) == 1
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=10) == -signum
+    finally:  # a failure here must not leave a worker behind for the tests after it
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert site_env.leftovers() == set()
     assert wait_until(lambda: _count_clients(site_env) == 0, 10)
 

@@ -154,6 +154,8 @@ def serve(listener: socket.socket, key: bytes, resolvers: tuple[str, ...] = (),
         try:
             client, _ = listener.accept()
         except OSError as e:  # EMFILE and friends: note it, breathe, go on
+            if e.errno in (errno.EBADF, errno.EINVAL):  # the listener is closed: nothing to serve
+                return
             quiet.warning("relay: accept failed: %s", e)
             time.sleep(0.1)
             continue
