@@ -292,3 +292,30 @@ def test_a_version_1_client_is_still_served_as_worker_0():
     t.join()
     assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 80), 0)
     a.close()
+
+
+def test_the_worker_table_keeps_a_workers_bytes_until_it_leaves():
+    """A flow that ends adds its bytes to its worker, which stays listed (its helper may be
+    between two PRESENT connections) until its PRESENT connection ends with no flow open."""
+    from vpn_provider.relay.workers import WorkerTable
+    table = WorkerTable()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    flow = Flow(b, c)
+    table.add_flow("198.19.20.10", 42, flow)
+    threading.Thread(target=flow.run, daemon=True).start()
+    a.sendall(b"x" * 1000)
+    a.shutdown(socket.SHUT_WR)
+    assert d.recv(2000, socket.MSG_WAITALL) == b"x" * 1000
+    d.sendall(b"y" * 10)
+    d.shutdown(socket.SHUT_WR)
+    assert a.recv(100, socket.MSG_WAITALL) == b"y" * 10
+    for _ in range(100):
+        if table.snapshot() and table.snapshot()[0]["flows"] == 0:
+            break
+        threading.Event().wait(0.02)
+    assert table.snapshot() == [{"node": "198.19.20.10", "worker": "vpnp-42", "flows": 0,
+                                 "bytes_up": 1000, "bytes_down": 10}]
+    with table.present("198.19.20.10", 42):
+        assert table.snapshot()[0]["bytes_up"] == 1000
+    assert table.snapshot() == []

@@ -2,7 +2,8 @@
 address and its number there), whether it is present, its open flows and the bytes they moved.
 
 A worker is present while its helper holds its idle PRESENT connection (the helper keeps one for
-the job's whole life), so the table lists workers that have no flow open as well.
+the job's whole life), so the table lists workers that have no flow open as well. It is
+forgotten when that connection ends (the worker ended) and no flow of it is open.
 """
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ class WorkerTable:
                 tally.flows.discard(f)
                 tally.done_up += f.moved[0]
                 tally.done_down += f.moved[1]
-                self._forget_if_gone(key)
         flow.on_end = ended
 
     def _forget_if_gone(self, key) -> None:
+        """A worker is forgotten when its PRESENT connection ends with no flow open, not when a
+        flow ends: its helper may be between two PRESENT connections (after a relay restart),
+        and its bytes would be lost."""
         tally = self._tallies[key]
         if not tally.present and not tally.flows:
             del self._tallies[key]
