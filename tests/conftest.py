@@ -45,6 +45,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: next(i for i, tier in enumerate(TIERS) if tier in item.keywords))
 
 
+def comm(pid: int) -> str:
+    """A process's name, or '' once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,14 +7,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from conftest import VP
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+from conftest import VP, comm
 
 
 def descendants(root: int) -> set[int]:

@@ -60,19 +60,12 @@ def _burst(site, ticket, per_node: int, mode: str) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("site_of", [1], indirect=True)
-def test_64_default_mode_workers_start_at_once_on_one_node(site_of):
+@pytest.mark.parametrize("site_of,per_node,mode", [(1, 64, "relay"), (4, 64, "relay-only")],
+                         ids=["64-default-mode-on-one-node", "256-relay-only-over-four-nodes"], indirect=["site_of"])
+def test_a_burst_of_workers_started_at_once_all_get_on(site_of, per_node, mode):
     site, ticket = site_of
     started = time.monotonic()
-    failures = _burst(site, ticket, 64, "relay")
-    assert failures == [], f"{len(failures)} of 64 failed: {failures[:3]}"
-    print(f"64 default-mode workers on one node: {time.monotonic() - started:.1f} s")
-
-
-@pytest.mark.parametrize("site_of", [4], indirect=True)
-def test_256_relay_only_workers_start_at_once_over_four_nodes(site_of):
-    site, ticket = site_of
-    started = time.monotonic()
-    failures = _burst(site, ticket, 64, "relay-only")
-    assert failures == [], f"{len(failures)} of 256 failed: {failures[:3]}"
-    print(f"256 relay-only workers over 4 nodes: {time.monotonic() - started:.1f} s")
+    failures = _burst(site, ticket, per_node, mode)
+    total = per_node * len(site.nodes)
+    assert failures == [], f"{len(failures)} of {total} failed: {failures[:3]}"
+    print(f"{total} {mode} workers over {len(site.nodes)} node(s): {time.monotonic() - started:.1f} s")

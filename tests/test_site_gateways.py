@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import VP, _site_skip_reason, wait_until
-from polling import Poller, comm, descendants
+from conftest import VP, _site_skip_reason, comm, wait_until
+from polling import Poller, descendants
 
 pytestmark = pytest.mark.site
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VP, wait_until
+from conftest import VP, comm, wait_until
 
 pytestmark = pytest.mark.site
 
@@ -31,12 +31,6 @@ def _stop_gateway(site_env, state) -> None:
 _COUNT_20MB_AND_TUN = ("curl -sS -f {url}/big.bin | head -c 20971520 | wc -c; "
                        "echo tun_rx_bytes=$(sed -n 's/^ *vpn0: *\\([0-9]*\\).*/\\1/p' /proc/net/dev)")
 
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _tun_rx(stdout: str) -> int:
@@ -84,7 +78,7 @@ def test_gateway_without_relay_keeps_tcp_in_the_tunnel(site_env):
     state = _start_gateway(site_env, "gw-no-relay", 9452, "--no-relay")
     try:
         assert json.loads((state / "ticket.json").read_text())["relay_port"] == 0
-        names = {_comm(pid) for pid in set(site.user_pids()) - before}
+        names = {comm(pid) for pid in set(site.user_pids()) - before}
         assert "vpnp-gw-relay" not in names and "ocserv-main" in names
         done = site_env.exec_("sh", "-c", _COUNT_20MB_AND_TUN.format(url=site_env.http_url),
                               ticket=state / "ticket.json", timeout=120)
@@ -132,8 +126,8 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
                                            f"{site_env.http_url}/big.bin && exec sleep 300"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: _comm(proc.pid) == "sleep", 60), proc.stderr.read() if proc.poll() is not None else "CMD never got to sleep"
-        companions = {pid: _comm(pid) for pid in set(site.user_pids()) - site_env.baseline - {proc.pid}}
+        assert wait_until(lambda: comm(proc.pid) == "sleep", 60), proc.stderr.read() if proc.poll() is not None else "CMD never got to sleep"
+        companions = {pid: comm(pid) for pid in set(site.user_pids()) - site_env.baseline - {proc.pid}}
         assert sorted(companions.values()) == ["vpnp-helper"], companions
         [helper] = companions
         rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{helper}/status").read_text()).group(1))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VP, wait_until
-from polling import Poller, comm, descendants
+from conftest import VP, comm, wait_until
+from polling import Poller, descendants
 
 pytestmark = pytest.mark.site
 

@@ -8,11 +8,10 @@ import time
 import re
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import VP, wait_until
+from conftest import VP, comm, wait_until
 
 pytestmark = pytest.mark.site
 
@@ -71,7 +70,7 @@ def test_signal_stops_cmd_and_tunnel(site_env, signum):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # `ip netns exec`, setpriv and env all exec, so proc.pid becomes vpn-provider, then sleep.
     try:
-        assert wait_until(lambda: _comm(proc.pid) == "sleep", 20), "CMD never started"
+        assert wait_until(lambda: comm(proc.pid) == "sleep", 20), "CMD never started"
         assert _count_clients(site_env) == 1
         os.kill(proc.pid, signum)
         assert proc.wait(timeout=10) == -signum
@@ -149,12 +148,6 @@ def test_falls_back_to_tcp_when_udp_blocked(site_env):
         site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
     assert site_env.leftovers() == set()
 
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _count_clients(site_env) -> int:

@@ -202,7 +202,7 @@ static int recv_all(int fd, void *buf, size_t n)
     return 0;
 }
 
-static int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeout_ms)
+int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeout_ms)
 {
     int flags = fcntl(fd, F_GETFL);
     fcntl(fd, F_SETFL, flags | O_NONBLOCK);

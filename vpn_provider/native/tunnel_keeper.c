@@ -56,7 +56,7 @@
 #define REPORT_MAX (256 * 1024)
 /* openconnect's fixed descriptors (see worker/tunnel.py: the script writes to fd 3). */
 enum { OC_REPORT_FD = 3, OC_TUN_FD = 4 };
-/* The rejoin tool's descriptors: the worker's namespaces. */
+/* The rejoin tool's descriptors: the worker's namespaces (see worker/rejoin.py). */
 enum { NS_USER_FD = 3, NS_NET_FD = 4, NS_MNT_FD = 5 };
 enum { FD_TUN, FD_LOG, FD_USER, FD_NET, FD_MNT, KEEPER_FDS };
 
@@ -81,7 +81,6 @@ static struct {
     int fds[KEEPER_FDS];
     int ctl;
     char *copy;  /* the message the strings above point into */
-    size_t copy_len;
 } k;
 
 static void announce(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -122,7 +121,6 @@ static int parse(const char *msg, size_t len)
         return -1;
     memcpy(k.copy, msg, len);
     k.copy[len] = 0;
-    k.copy_len = len;
     enum { FIXED = 12 };
     char *fields[FIXED + 3 * MAX_GATEWAYS + MAX_ARGS];
     int n = 0;
@@ -176,19 +174,10 @@ static int parse(const char *msg, size_t len)
  * login, so a worker waiting for its gateway costs next to nothing. */
 static int probe(const struct gateway *g)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return 0;
-    int ok = 0;
-    if (connect(fd, (const struct sockaddr *)&g->probe, sizeof g->probe) == 0) {
-        ok = 1;
-    } else if (errno == EINPROGRESS) {
-        struct pollfd p = {fd, POLLOUT, 0};
-        int err = 0;
-        socklen_t len = sizeof err;
-        if (poll(&p, 1, PROBE_TIMEOUT_MS) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0)
-            ok = err == 0;
-    }
+    int ok = connect_with_timeout(fd, &g->probe, PROBE_TIMEOUT_MS) == 0;
     close(fd);
     return ok;
 }
@@ -252,8 +241,8 @@ static pid_t spawn_openconnect(const struct gateway *g, int *report)
     if (pid == 0) {
         if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != parent)
             _exit(127);  /* SIGTERM: openconnect then says BYE to the gateway */
-        int fds[] = {pw[0], k.fds[FD_LOG], k.fds[FD_LOG], rep[1], k.fds[FD_TUN]};
-        place_fds(fds, 5, 0);
+        int fds[] = {pw[0], k.fds[FD_LOG], k.fds[FD_LOG], [OC_REPORT_FD] = rep[1], [OC_TUN_FD] = k.fds[FD_TUN]};
+        place_fds(fds, sizeof fds / sizeof *fds, 0);
         default_signals();
         execve(k.argv[0], k.argv, k.env);
         _exit(127);
@@ -354,8 +343,9 @@ static int rejoin(const char *action, const char *report, size_t len)
     if (pid == 0) {
         if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
             _exit(127);
-        int fds[] = {in[0], STDERR_FILENO, STDERR_FILENO, k.fds[FD_USER], k.fds[FD_NET], k.fds[FD_MNT]};
-        place_fds(fds, 6, 0);
+        int fds[] = {in[0], STDERR_FILENO, STDERR_FILENO,
+                     [NS_USER_FD] = k.fds[FD_USER], [NS_NET_FD] = k.fds[FD_NET], [NS_MNT_FD] = k.fds[FD_MNT]};
+        place_fds(fds, sizeof fds / sizeof *fds, 0);
         default_signals();
         execve(k.python, argv, k.rejoin_env);
         _exit(127);

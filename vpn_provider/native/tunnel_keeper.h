@@ -11,6 +11,10 @@ int keeper_start(const char *msg, size_t len, const int *fds, int nfds, int ctl)
  * order exec gave both), so the relay's new flows go there too. */
 void gateway_in_use(int index);
 
+/* Provided by node_helper.c: connect `fd` to `to` within `timeout_ms`; 0, or -1 with errno. */
+struct sockaddr_in;
+int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeout_ms);
+
 /* Between ms and 1.5 ms, at random: retries of many workers must not come in step. */
 long jittered(long ms);
 

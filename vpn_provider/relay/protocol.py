@@ -60,6 +60,11 @@ class HandshakeError(Exception):
     """The peer is not a relay, or does not know the secret."""
 
 
+def worker_name(number: int) -> str:
+    """How the gateway's status names a worker: its number on its node (exec's pid)."""
+    return f"vpnp-{number}"
+
+
 def relay_key(secret: str) -> bytes:
     return hashlib.sha256(b"vpn-provider relay v1\0" + secret.encode()).digest()
 

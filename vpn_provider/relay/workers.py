@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+from .protocol import worker_name
 from .pump import Flow
 
 
@@ -65,7 +66,7 @@ class WorkerTable:
 
     def snapshot(self) -> list[dict]:
         with self._lock:
-            return [{"node": node, "worker": f"vpnp-{worker}", "flows": len(t.flows),
+            return [{"node": node, "worker": worker_name(worker), "flows": len(t.flows),
                      "bytes_up": t.done_up + sum(f.moved[0] for f in t.flows),
                      "bytes_down": t.done_down + sum(f.moved[1] for f in t.flows)}
                     for (node, worker), t in sorted(self._tallies.items())]

@@ -34,7 +34,7 @@ from typing import NoReturn
 from .. import linux, proc
 from ..errors import TunnelError
 from ..relay import TCP_TRANSPORTS
-from ..relay.protocol import relay_key
+from ..relay.protocol import relay_key, worker_name
 from ..ticket import Endpoint, Ticket
 from . import DEFAULT_RECONNECT_TIMEOUT, netconfig, vpnc_env
 from .diagnose import classify
@@ -94,12 +94,6 @@ def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float, *, spread: fl
     return random.choice(answered) if answered else None
 
 
-def worker_name() -> str:
-    """How the gateway's status names this worker: our pid, which CMD keeps (exec replaces us),
-    and which is unique on the node, as the gateway's status pairs it with the node's address."""
-    return f"vpnp-{os.getpid()}"
-
-
 def _first_then_rest(first: Endpoint, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     return (first, *(e for e in endpoints if e != first))
 
@@ -146,7 +140,7 @@ class Tunnel:
         spec = KeeperSpec(openconnect_argv=tuple(argv), gateways=gateways,
                           secret=self.ticket.secret, tcp_mode=self.tcp, give_up_after=self.reconnect_timeout,
                           attempt_timeout=self.timeout, log_is_scratch=self.log_file is None, preload=shim,
-                          worker=worker_name())
+                          worker=worker_name(os.getpid()))  # CMD keeps our pid
         # Forked first, before any descriptor below exists, so it holds none of them open.
         # The relay list in the keeper's order: when the keeper moves, the relay follows.
         helper = NodeHelper(relay_endpoint, relay_key(self.ticket.secret) if relay_endpoint else None,
