@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from vpn_provider.relay import pump, server
-from vpn_provider.relay.protocol import (HandshakeError, Status, Verb, client_handshake, relay_key,
+from vpn_provider.relay import protocol, pump, records, server
+from vpn_provider.relay.protocol import (HandshakeError, Mode, Status, Verb, client_handshake, relay_key,
                                          server_handshake)
+from vpn_provider.relay.records import recv_record
 from vpn_provider.relay.pump import Flow
 
 KEY = relay_key("s" * 32)
@@ -20,9 +21,9 @@ KEY = relay_key("s" * 32)
 
 def _server_thread(sock, key, result):
     try:
-        result["request"] = server_handshake(sock, key)
-        sock.sendall(bytes([Status.OK]))
-    except HandshakeError as e:
+        result["request"], handshake = server_handshake(sock, key)
+        sock.sendall(handshake.status(Status.OK))
+    except (HandshakeError, OSError) as e:
         result["error"] = str(e)
         sock.close()
 
@@ -34,9 +35,10 @@ def test_handshake_needs_the_same_secret_on_both_sides(client_key, ok):
     t = threading.Thread(target=_server_thread, args=(b, KEY, result))
     t.start()
     if ok:
-        assert client_handshake(a, client_key, Verb.CONNECT, ("198.18.10.1", 1094)) is Status.OK
+        status, session = client_handshake(a, client_key, Verb.CONNECT, ("198.18.10.1", 1094), worker=7)
+        assert status is Status.OK and session.mode is Mode.SEALED
         t.join()
-        assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 1094), 0)
+        assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 1094), 7)
     else:
         with pytest.raises(HandshakeError, match="does not know this ticket's secret"):
             client_handshake(a, client_key, Verb.CONNECT, ("198.18.10.1", 1094))
@@ -45,8 +47,18 @@ def test_handshake_needs_the_same_secret_on_both_sides(client_key, ok):
         assert "closed" in result["error"]
 
 
+def test_the_request_carries_ipv6_destinations():
+    a, b = socket.socketpair()
+    result: dict = {}
+    t = threading.Thread(target=_server_thread, args=(b, KEY, result))
+    t.start()
+    assert client_handshake(a, KEY, Verb.CONNECT, ("2001:db8::7", 1094))[0] is Status.OK
+    t.join()
+    assert result["request"] == (Verb.CONNECT, ("2001:db8::7", 1094), 0)
+
+
 def test_a_recorded_client_proof_does_not_work_twice():
-    """The proof covers the server's fresh nonce, so replaying a captured handshake fails."""
+    """The proof covers the server's fresh key share, so replaying a captured handshake fails."""
     recorded = bytearray()
 
     class Recorder:
@@ -57,14 +69,20 @@ def test_a_recorded_client_proof_does_not_work_twice():
             recorded.extend(data)
             self.sock.sendall(data)
 
+        def settimeout(self, t):
+            self.sock.settimeout(t)
+
         def recv(self, n):
             return self.sock.recv(n)
+
+        def recv_into(self, buf, n=0):
+            return self.sock.recv_into(buf, n)
 
     a, b = socket.socketpair()
     result: dict = {}
     t = threading.Thread(target=_server_thread, args=(b, KEY, result))
     t.start()
-    assert client_handshake(Recorder(a), KEY, Verb.CONNECT, ("198.18.10.1", 80)) is Status.OK
+    assert client_handshake(Recorder(a), KEY, Verb.CONNECT, ("198.18.10.1", 80))[0] is Status.OK
     t.join()
     replay, victim = socket.socketpair()
     result = {}
@@ -78,8 +96,21 @@ def test_a_recorded_client_proof_does_not_work_twice():
 def test_server_rejects_a_client_that_is_not_a_relay_client():
     a, b = socket.socketpair()
     a.sendall(b"GET / HTTP/1.1\r\nHost: relay.example\r\n\r\n")
-    with pytest.raises(HandshakeError, match="not a relay client"):
+    with pytest.raises(HandshakeError, match="not a vpn-provider relay"):
         server_handshake(b, KEY)
+
+
+def test_client_and_server_of_different_versions_name_the_mismatch():
+    """Each side answers another version's hello with its own magic, so both can say which."""
+    a, b = socket.socketpair()
+    a.sendall(b"VPNP-RELAY/2\n" + os.urandom(16))
+    with pytest.raises(HandshakeError, match="client speaks relay protocol 2, this side 3"):
+        server_handshake(b, KEY)
+    assert a.recv(64) == protocol.MAGIC
+    c, d = socket.socketpair()
+    d.sendall(b"VPNP-RELAY/4\n")
+    with pytest.raises(HandshakeError, match="gateway speaks relay protocol 4, this side 3: run the same"):
+        client_handshake(c, KEY, Verb.PING)
 
 
 def _loopback_pair() -> tuple[socket.socket, socket.socket]:
@@ -209,7 +240,7 @@ def relay_server():
 
 def _ask(address, verb, dest, key=KEY):
     with socket.create_connection(address, timeout=5) as s:
-        return client_handshake(s, key, verb, dest)
+        return client_handshake(s, key, verb, dest)[0]
 
 
 def test_relay_server_answers_ping_and_refuses_loopback_destinations(relay_server):
@@ -241,12 +272,12 @@ def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset():
 
 
 def test_relay_server_rejects_a_client_proof_made_without_the_secret(relay_server):
-    """The server half of the proof: a client that cannot sign the request gets no status."""
-    from vpn_provider.relay.protocol import MAC, MAGIC, NONCE
+    """The server half of the proof: a client that cannot prove the secret gets no status."""
+    from vpn_provider.relay.protocol import CLIENT_HELLO, MAGIC, SERVER_HELLO, ServerHandshake
     with socket.create_connection(relay_server, timeout=5) as s:
-        s.sendall(MAGIC + os.urandom(NONCE))
-        assert len(s.recv(NONCE + MAC, socket.MSG_WAITALL)) == NONCE + MAC
-        s.sendall(os.urandom(MAC) + b"C" + socket.inet_aton("198.18.10.1") + (80).to_bytes(2, "big") + bytes(4))
+        s.sendall(MAGIC + os.urandom(CLIENT_HELLO - len(MAGIC)))
+        assert len(s.recv(SERVER_HELLO, socket.MSG_WAITALL)) == SERVER_HELLO
+        s.sendall(os.urandom(ServerHandshake.PROOF_SIZE))
         try:
             answer = s.recv(1)
         except ConnectionResetError:
@@ -256,9 +287,7 @@ def test_relay_server_rejects_a_client_proof_made_without_the_secret(relay_serve
 
 def test_relay_server_drops_a_client_that_drips_its_handshake(relay_server, monkeypatch):
     """A whole handshake has one deadline, so a client cannot hold a slot by sending slowly."""
-    import time
-    from vpn_provider.relay import protocol
-    monkeypatch.setattr(protocol, "HANDSHAKE_DEADLINE", 0.5)
+    monkeypatch.setattr(server, "HANDSHAKE_DEADLINE", 0.5)
     with socket.create_connection(relay_server, timeout=5) as s:
         t0 = time.monotonic()
         try:
@@ -271,27 +300,98 @@ def test_relay_server_drops_a_client_that_drips_its_handshake(relay_server, monk
         assert answer == b"" and time.monotonic() - t0 < 3
 
 
-def test_a_version_1_client_is_still_served_as_worker_0():
-    """Helpers of the previous release (a 7-byte request, no worker) keep working after the
-    gateway is upgraded and restarted under them."""
-    import hashlib
-    import hmac
-    import struct
-    from vpn_provider.relay.protocol import MAC, NONCE
-    a, b = socket.socketpair()
-    result: dict = {}
-    t = threading.Thread(target=_server_thread, args=(b, KEY, result))
+def test_strangers_holding_many_unfinished_handshakes_do_not_stop_a_client(relay_server):
+    """Idle, dripping and half-finished connections cost the relay no thread and no slot that a
+    client with the secret needs: its handshakes still answer at once."""
+    from vpn_provider.relay.protocol import CLIENT_HELLO, MAGIC
+    jam = []
+    for i in range(600):  # more than one source may hold (PER_SOURCE): the oldest give way
+        s = socket.create_connection(relay_server, timeout=5)
+        if i % 3 == 1:
+            s.sendall(MAGIC[:5])
+        elif i % 3 == 2:
+            s.sendall(MAGIC + os.urandom(CLIENT_HELLO - len(MAGIC)))  # then never a proof
+        jam.append(s)
+    threads_before = threading.active_count()
+    try:
+        for _ in range(20):
+            t0 = time.monotonic()
+            assert _ask(relay_server, Verb.PING, ("0.0.0.0", 0)) is Status.OK
+            assert time.monotonic() - t0 < 1.0
+        assert threading.active_count() <= threads_before + 2
+    finally:
+        for s in jam:
+            s.close()
+
+
+def _sealed_flow():
+    """A sealed flow as the gateway carries it: (the node's socket and session, the far end)."""
+    node, relay_in = _loopback_pair()
+    box: dict = {}
+
+    def serve():
+        box["request"], box["handshake"] = server_handshake(relay_in, KEY)
+        relay_in.sendall(box["handshake"].status(Status.OK))
+    t = threading.Thread(target=serve)
     t.start()
-    cn = os.urandom(NONCE)
-    a.sendall(b"VPNP-RELAY/1\n" + cn)
-    answer = a.recv(NONCE + MAC, socket.MSG_WAITALL)
-    sn = answer[:NONCE]
-    request = struct.pack("!c4sH", b"C", socket.inet_aton("198.18.10.1"), 80)
-    a.sendall(hmac.new(KEY, b"C" + cn + sn + request, hashlib.sha256).digest() + request)
-    assert a.recv(1) == bytes([Status.OK])
+    _, session = client_handshake(node, KEY, Verb.CONNECT, ("198.18.10.1", 80))
     t.join()
-    assert result["request"] == (Verb.CONNECT, ("198.18.10.1", 80), 0)
-    a.close()
+    relay_in.settimeout(None)
+    relay_out, far = _loopback_pair()
+    threading.Thread(target=Flow(relay_in, relay_out, session=box["handshake"].session).run, daemon=True).start()
+    return node, session, far
+
+
+def test_a_sealed_flow_moves_bytes_both_ways_and_ends_with_authenticated_ends():
+    node, session, far = _sealed_flow()
+    payload = os.urandom(3 << 20)
+    for i in range(0, len(payload), 50_000):
+        node.sendall(session.sealer.seal(payload[i:i + 50_000]))
+    node.sendall(session.sealer.end())
+    received = bytearray()
+    while chunk := far.recv(1 << 16):
+        received.extend(chunk)
+    assert received == payload  # and the END record became a clean end of stream
+    far.sendall(b"answer")
+    far.close()
+    assert recv_record(node, session.opener) == b"answer"
+    assert recv_record(node, session.opener) == b"" and session.opener.ended
+
+
+@pytest.mark.parametrize("attack", ["flip a byte", "cut inside a record", "cut between records"])
+def test_an_altered_or_cut_sealed_stream_reaches_the_destination_as_a_reset(attack):
+    node, session, far = _sealed_flow()
+    record = bytearray(session.sealer.seal(b"GET /file HTTP/1.0\r\n\r\n"))
+    if attack == "flip a byte":
+        record[10] ^= 0x01
+        node.sendall(record)
+    elif attack == "cut inside a record":
+        node.sendall(record[:len(record) - 3])
+        node.shutdown(socket.SHUT_WR)
+    else:  # a whole record, then a TCP end without the END record
+        node.sendall(record)
+        node.shutdown(socket.SHUT_WR)
+    far.settimeout(10)
+    got = b""
+    with pytest.raises(ConnectionResetError):
+        while chunk := far.recv(1 << 16):
+            got += chunk
+    # nothing of an unauthenticated record is passed on; a complete one is, then the reset
+    assert got == (b"GET /file HTTP/1.0\r\n\r\n" if attack == "cut between records" else b"")
+
+
+def test_records_change_key_every_epoch(monkeypatch):
+    monkeypatch.setattr(records, "EPOCH_RECORDS", 4)
+    sealer, opener = records.Sealer(b"k" * 32), records.Opener(b"k" * 32)
+    sealed = [sealer.seal(bytes([i])) for i in range(10)]
+    assert [opener.open(r[:4], r[4:]) for r in sealed] == [bytes([i]) for i in range(10)]
+    # records 4 to 7 are under the second epoch's key: an opener that never moved on fails there
+    stale = records.Opener(b"k" * 32)
+    monkeypatch.setattr(records, "EPOCH_RECORDS", 1 << 20)
+    for r in sealed[:4]:
+        stale.open(r[:4], r[4:])
+    with pytest.raises(records.RecordError):
+        stale.open(sealed[4][:4], sealed[4][4:])
 
 
 def test_the_worker_table_keeps_a_workers_bytes_until_it_leaves():

@@ -15,7 +15,7 @@ from . import linux, proc
 from .errors import MissingTool, TicketError, TunnelError
 from .gateway.supervisor import probe_pin
 from .relay.client import probe
-from .relay.protocol import relay_key
+from .relay.protocol import Mode, relay_key
 from .ticket import Endpoint, Ticket
 from .worker.node_helper import helper_binary
 from .worker.tunnel import preload_library
@@ -116,11 +116,14 @@ def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
 
 def _relay(ticket: Ticket, gateway: Endpoint, timeout: float) -> list[Finding]:
     relay = ticket.relay(gateway)
-    problem = probe((relay.host, relay.port), relay_key(ticket.secret), timeout=min(timeout, 5))
+    problem, mode = probe((relay.host, relay.port), relay_key(ticket.secret), timeout=min(timeout, 5))
     if problem:
         return [Finding(f"TCP relay {relay}", WARN, problem,
                         f"allow TCP to port {relay.port} of the login node; until then TCP uses the slower tunnel")]
-    return [Finding(f"TCP relay {relay}", OK, "answers and knows the ticket's secret")]
+    if mode is Mode.PLAIN:
+        return [Finding(f"TCP relay {relay}", WARN, "answers, but carries flows UNENCRYPTED (the gateway's --plain-relay)",
+                        "start the gateway without --plain-relay unless the site network is trusted")]
+    return [Finding(f"TCP relay {relay}", OK, "answers, knows the ticket's secret, encrypts (AES-128-GCM)")]
 
 
 _DNS_PROBE = """

@@ -1,4 +1,4 @@
-"""A Python client of the relay, for ``check``: connect, prove the secret, read the status.
+"""A Python client of the relay, for ``check``: connect, run the handshake, read the status.
 
 The client that carries workers' flows is the native helper (``native/node_helper.c``, started
 by ``vpn_provider.worker.node_helper``); this one only asks the relay whether it answers.
@@ -7,33 +7,33 @@ from __future__ import annotations
 
 import socket
 
-from .protocol import DEST_CONNECT_TIMEOUT, HandshakeError, Status, Verb, client_handshake
+from .protocol import DEST_CONNECT_TIMEOUT, HandshakeError, Mode, Session, Status, Verb, client_handshake
 
 CONNECT_TIMEOUT = 10.0
 
 
-def open_flow(relay: tuple[str, int], key: bytes, verb: Verb, dest: tuple[str, int] = ("0.0.0.0", 0), *,
+def open_flow(relay: tuple[str, int], key: bytes, verb: Verb, dest: tuple[str, int] = ("::", 0), *,
               timeout: float = CONNECT_TIMEOUT,
-              answer_timeout: float = DEST_CONNECT_TIMEOUT + 5) -> tuple[Status, socket.socket]:
+              answer_timeout: float = DEST_CONNECT_TIMEOUT + 5) -> tuple[Status, Session, socket.socket]:
     """Connect to the relay and ask for ``dest``. The status comes once the gateway has reached
     the destination, which may take it DEST_CONNECT_TIMEOUT, hence the longer answer_timeout."""
     sock = socket.create_connection(relay, timeout=timeout)
     sock.settimeout(answer_timeout)
     try:
-        status = client_handshake(sock, key, verb, dest)
+        status, session = client_handshake(sock, key, verb, dest)
     except BaseException:
         sock.close()
         raise
     sock.settimeout(None)
-    return status, sock
+    return status, session, sock
 
 
-def probe(relay: tuple[str, int], key: bytes, timeout: float = CONNECT_TIMEOUT) -> str:
-    """'' if the relay answers and knows our secret, else why not."""
+def probe(relay: tuple[str, int], key: bytes, timeout: float = CONNECT_TIMEOUT) -> tuple[str, Mode | None]:
+    """('', the gateway's mode) if the relay answers and knows our secret, else (why not, None)."""
     where = f"relay {relay[0]}:{relay[1]}"
     try:
-        status, sock = open_flow(relay, key, Verb.PING, timeout=timeout, answer_timeout=timeout)
+        status, session, sock = open_flow(relay, key, Verb.PING, timeout=timeout, answer_timeout=timeout)
         sock.close()
     except (OSError, HandshakeError) as e:
-        return f"{where}: {e}"
-    return "" if status is Status.OK else f"{where}: status {status.name}"
+        return f"{where}: {e}", None
+    return ("", session.mode) if status is Status.OK else (f"{where}: status {status.name}", None)

@@ -1,9 +1,12 @@
-"""Move a flow's bytes between two TCP sockets inside the kernel, both directions.
+"""Move a flow's bytes between two TCP sockets, both directions.
 
-splice(2) moves pages from one socket's receive queue through a pipe into the other socket,
-so user space never touches the data; Python only loops once per chunk, not per packet.
-An end of stream one way becomes shutdown(SHUT_WR) the other way (half-closes pass through);
-a reset or error either way resets both sides, so no application mistakes a broken transfer
+A sealed flow (the default) opens the node's records (records.py) one way and seals the
+destination's bytes the other way, 64 KiB at a time. A plain flow (the gateway's opt-out)
+splices: splice(2) moves pages from one socket's receive queue through a pipe into the other
+socket, so user space never touches the data; Python only loops once per chunk.
+An end of stream one way becomes shutdown(SHUT_WR) the other way (half-closes pass through; a
+sealed flow's node side ends with an END record); a reset or error either way, and on a sealed
+flow a TCP end without END, resets both sides, so no application mistakes a broken transfer
 for a complete one.
 
 The same holds when the process carrying the flow dies (SIGTERM from `gateway stop`, SIGKILL):
@@ -21,12 +24,13 @@ import threading
 import time
 from typing import Callable
 
+from .records import MAX_PLAINTEXT, Opener, RecordError, Sealer, recv_exactly
+
 # Per pipe. Linux caps a user's pipe buffers at 64 MiB in all (fs.pipe-user-pages-soft) and
 # then shrinks every new pipe of that user, the job's own included: 256 KiB x 2 pipes x 2
 # hosts leaves room for over a hundred concurrent flows.
 CHUNK = 256 * 1024
 SIOCATMARK = 0x8905  # linux/sockios.h
-_HAS_SPLICE = hasattr(os, "splice")  # Python >= 3.10
 # The link between node and login node: a flow whose link died must end, with a reset to the
 # application, well within a minute. Idle, keepalives find a dead peer in 15 + 3 x 5 = 30 s.
 LINK_KEEPALIVE = ((socket.TCP_KEEPIDLE, 15), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3))
@@ -128,18 +132,27 @@ def _at_urgent_mark(sock: socket.socket) -> bool:
         return False
 
 
-def _copy_one_way(src: socket.socket, dst: socket.socket, moved: list[int], way: int) -> None:
-    buf = bytearray(CHUNK)
+def _open_one_way(src: socket.socket, dst: socket.socket, moved: list[int], way: int, opener: Opener) -> None:
+    """Records from the node to plaintext for the destination, until the END record."""
+    header = memoryview(bytearray(4))
+    body = memoryview(bytearray(MAX_PLAINTEXT + 16))
+    while not opener.ended:
+        if not recv_exactly(src, header):
+            raise RecordError("the node's stream was cut (no end record)")
+        size = opener.body_size(header)
+        recv_exactly(src, body[:size])
+        plaintext = opener.open(header, body[:size])
+        dst.sendall(plaintext)
+        moved[way] += len(plaintext)
+
+
+def _seal_one_way(src: socket.socket, dst: socket.socket, moved: list[int], way: int, sealer: Sealer) -> None:
+    """The destination's bytes as records to the node; the END record is the caller's (Flow)."""
+    buf = bytearray(MAX_PLAINTEXT)
     view = memoryview(buf)
-    while True:
-        n = src.recv_into(buf)
-        if n == 0:
-            return
-        dst.sendall(view[:n])
+    while n := src.recv_into(buf):
+        dst.sendall(sealer.seal(view[:n]))
         moved[way] += n
-
-
-_one_way = _splice_one_way if _HAS_SPLICE else _copy_one_way
 
 
 class _Watch:
@@ -183,11 +196,13 @@ _watch = _Watch()
 class Flow:
     """Both directions of one relayed connection; closes both sockets when both are done.
     ``link`` (one of the two, or None) is the socket to the node: its user timeout is paced.
+    With ``session`` (sealed), ``a`` is the node's side: records come in and go out there.
     ``moved``: bytes from a to b, and from b to a, so far (each written by one thread only)."""
 
     def __init__(self, a: socket.socket, b: socket.socket, link: socket.socket | None = None,
-                 on_end: Callable[["Flow"], None] | None = None):
+                 on_end: Callable[["Flow"], None] | None = None, session=None):
         self.a, self.b, self.link, self.on_end = a, b, link, on_end
+        self.session = session
         self.moved = [0, 0]
         for s in (a, b):  # the caller should have done this at accept/connect already
             reset_on_close(s)
@@ -213,13 +228,20 @@ class Flow:
 
     def _direction(self, src: socket.socket, dst: socket.socket, way: int) -> None:
         try:
-            _one_way(src, dst, self.moved, way)
+            if self.session is None:
+                _splice_one_way(src, dst, self.moved, way)
+            elif way == 0:
+                _open_one_way(src, dst, self.moved, way, self.session.opener)
+            else:
+                _seal_one_way(src, dst, self.moved, way, self.session.sealer)
             with self._lock:
                 failed = self._failed
             # An end of stream after a failure is our own SHUT_RD (see _fail): pass nothing on.
             if not failed:
+                if self.session is not None and way == 1:
+                    dst.sendall(self.session.sealer.end())
                 dst.shutdown(socket.SHUT_WR)
-        except OSError:
+        except (OSError, RecordError):
             self._fail()
         with self._lock:
             self._running -= 1
