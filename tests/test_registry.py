@@ -34,3 +34,14 @@ def test_an_unreadable_entry_is_a_one_line_error_naming_it(tmp_path):
     with registry.locked(tmp_path), pytest.raises(GatewayError, match="junk.json") as caught:
         registry.others(tmp_path, "login1-a", 8444)
     assert "\n" not in str(caught.value)
+
+
+def test_a_planted_entry_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "gateways.d").mkdir()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"gateways": ["203.0.113.9:8443"], "relay_port": 8444}')
+    (tmp_path / "gateways.d" / "login9-x.json").symlink_to(elsewhere)
+    with pytest.raises(GatewayError, match="login9-x.json is a symlink; remove it"):
+        registry.check(tmp_path)
+    with pytest.raises(GatewayError, match="login9-x.json is a symlink"):
+        registry.others(tmp_path, "login1-a", 8444)

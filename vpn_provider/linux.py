@@ -136,6 +136,13 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def no_core_dumps() -> None:
+    """No core file, soft or hard limit: a process holding a key or the client secret would write
+    them to disk (into a shared working directory, say) when it crashes. Children inherit it."""
+    import resource  # noqa: PLC0415
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def set_process_name(name: str) -> None:
     """What ps, top and /proc/PID/comm show (15 bytes at most)."""
     _check(_libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0), "prctl")

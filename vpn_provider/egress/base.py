@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import subprocess
 from pathlib import Path
 
 from .. import linux, proc
+from ..errors import GatewayError
+from ..gateway.credentials import open_file, read_file
 from ..ticket import Endpoint
 
 log = logging.getLogger(__name__)
@@ -54,19 +57,19 @@ class Egress(abc.ABC):
 
     def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         log.debug("spawn: %s", " ".join(argv))
-        logfile = open(self.run_dir / f"{self.name}.log", "ab")
+        logfile = open_file(self.run_dir / f"{self.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             # The parent-death signal ends the backend even if the gateway is SIGKILLed.
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                                     pass_fds=pass_fds,
                                     preexec_fn=linux.die_with_parent)
         finally:
-            logfile.close()
+            os.close(logfile)
 
     def log_tail(self) -> str:
         try:
-            lines = (self.run_dir / f"{self.name}.log").read_text(errors="replace").strip().splitlines()
-        except OSError:
+            lines = read_file(self.run_dir / f"{self.name}.log").decode(errors="replace").strip().splitlines()
+        except (OSError, GatewayError):
             return ""
         return lines[-1] if lines else ""
 

@@ -13,7 +13,8 @@ from ..errors import GatewayError
 from ..ticket import Ticket
 from . import status
 from .config import GatewayConfig
-from .supervisor import read_pid
+from .credentials import open_file
+from .supervisor import prepare_dirs, read_pid
 
 
 class Gateway:
@@ -47,9 +48,9 @@ class Gateway:
 
     def start(self) -> dict:
         """Return only once the gateway accepts connections; raise GatewayError otherwise."""
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        prepare_dirs(self.config)  # a state dir another user could plant files in gets not even a log
+        log = open_file(self.state_dir / "gateway.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         ready_r, ready_w = os.pipe()
-        log = open(self.state_dir / "gateway.log", "ab")
         try:
             child = subprocess.Popen(
                 [sys.executable, "-m", "vpn_provider", "gateway", "run", *self.config.cli_args(),
@@ -57,7 +58,7 @@ class Gateway:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_w,),
                 start_new_session=True)
         finally:
-            log.close()
+            os.close(log)
             os.close(ready_w)
         try:
             line = (proc.read_message(ready_r, self.start_timeout) or b"").decode(errors="replace").strip()

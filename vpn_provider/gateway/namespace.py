@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from pathlib import Path
 
 from .. import linux, proc
 from ..errors import GatewayError
+from .credentials import open_file
+
+#: ocserv.log and the ocserv.log.1 before it each hold at most this much.
+LOG_CAP = 8 << 20
 
 
 class GatewayNamespace:
@@ -19,15 +25,19 @@ class GatewayNamespace:
 
     def spawn(self) -> None:
         """Fork; return once the child is inside its new namespaces."""
+        log_fd = open_file(Path(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        log_r, log_w = os.pipe()
         down_r, self._down_w = os.pipe()
         self._up_r, up_w = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
-            os.close(self._down_w)
-            os.close(self._up_r)
-            self._child(down_r, up_w)
-        os.close(down_r)
-        os.close(up_w)
+            for fd in (self._down_w, self._up_r, log_r, log_fd):
+                os.close(fd)
+            self._child(down_r, up_w, log_w)
+        for fd in (down_r, up_w, log_w):
+            os.close(fd)
+        threading.Thread(target=copy_log_capped, args=(log_r, log_fd, Path(self.log_path)), daemon=True,
+                         name="ocserv-log").start()
         self._expect(b"ns", "creating the gateway namespace")
 
     def release(self, extra_addresses: list[str] = ()) -> None:
@@ -48,7 +58,7 @@ class GatewayNamespace:
         if got != want:
             raise GatewayError(f"{step}: the namespace process exited unexpectedly")
 
-    def _child(self, down_r: int, up_w: int) -> None:
+    def _child(self, down_r: int, up_w: int, log_w: int) -> None:
         try:
             linux.die_with_parent()
             # uid 0 inside satisfies ocserv's root check. A non-zero gid inside makes ocserv's
@@ -78,9 +88,8 @@ class GatewayNamespace:
             _sysctl(f"net/ipv4/neigh/{egress_if}/proxy_delay", "0")
             if self.masquerade:
                 proc.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", egress_if, "-j", "MASQUERADE"])
-            log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
+            os.dup2(log_w, 1)
+            os.dup2(log_w, 2)
             os.set_inheritable(up_w, False)  # EOF on exec tells the parent we got this far
             linux.restore_default_signals()
             os.execv(self.ocserv_argv[0], self.ocserv_argv)
@@ -89,6 +98,27 @@ class GatewayNamespace:
                 os.write(up_w, f"error: {e}".encode()[:250])
             finally:
                 os._exit(1)
+
+
+def copy_log_capped(pipe_r: int, log_fd: int, path: Path, cap: int = LOG_CAP) -> None:
+    """Copy ocserv's output to its log until ocserv and its workers are gone. ocserv logs every
+    login, and months of batch jobs would fill the home filesystem: past ``cap`` bytes the log
+    becomes ``<name>.1`` (replacing the one before) and a new one starts."""
+    size = os.fstat(log_fd).st_size
+    while chunk := os.read(pipe_r, min(cap, 65536)):
+        try:  # a full disk or a vanished state dir costs log lines, never a stalled ocserv
+            if log_fd < 0 or size and size + len(chunk) > cap:
+                if log_fd >= 0:
+                    os.close(log_fd)
+                    log_fd = -1
+                    os.replace(path, path.with_name(path.name + ".1"))
+                log_fd, size = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC), 0
+            size += os.write(log_fd, chunk)
+        except (OSError, GatewayError):
+            pass
+    os.close(pipe_r)
+    if log_fd >= 0:
+        os.close(log_fd)
 
 
 def _wait_default_route(ipr, timeout: float) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import GatewayError
 from ..ticket import Endpoint
+from .credentials import check_file, open_file, read_file, write_file
 
 _ENTRIES = "gateways.d"
 
@@ -34,8 +35,7 @@ _ENTRIES = "gateways.d"
 @contextlib.contextmanager
 def locked(cred_dir: Path):
     """Exclusive use of the credentials directory (creating credentials, rewriting the ticket)."""
-    cred_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(cred_dir / "gateways.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_file(cred_dir / "gateways.lock", os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -52,6 +52,13 @@ def entry_name(state_dir: Path) -> str:
     return f"{socket.gethostname()}-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]}"
 
 
+def check(cred_dir: Path) -> None:
+    """Refuse entries that are not ours (credentials.check_file), before anything is written."""
+    entries = cred_dir / _ENTRIES
+    for path in sorted(entries.glob("*.json")) if entries.is_dir() else ():
+        check_file(path)
+
+
 def others(cred_dir: Path, name: str, relay_port: int) -> list[Endpoint]:
     """The other registered gateways' addresses; GatewayError if one uses another relay port
     (checked before start-up too, so a mismatch fails fast). Call with ``locked`` held."""
@@ -61,7 +68,7 @@ def others(cred_dir: Path, name: str, relay_port: int) -> list[Endpoint]:
         if path.stem == name:
             continue
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_file(path))
             theirs = tuple(Endpoint.parse(g) for g in data["gateways"])
             their_relay = int(data["relay_port"])
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -82,6 +89,6 @@ def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_p
     entries.mkdir(mode=0o700, exist_ok=True)
     theirs = others(cred_dir, name, relay_port)
     tmp = entries / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"gateways": [str(e) for e in endpoints], "relay_port": relay_port}) + "\n")
+    write_file(tmp, (json.dumps({"gateways": [str(e) for e in endpoints], "relay_port": relay_port}) + "\n").encode())
     os.replace(tmp, entries / f"{name}.json")
     return tuple(dict.fromkeys((*endpoints, *theirs)))

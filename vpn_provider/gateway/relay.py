@@ -1,6 +1,7 @@
 """Run the relay server (``vpn_provider.relay.server``) as a child of the gateway supervisor."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -10,18 +11,18 @@ from .. import linux, proc
 from ..errors import GatewayError
 from ..relay.protocol import relay_key
 from ..ticket import Endpoint
+from .credentials import open_file
 
 
 class RelayProcess:
-    def __init__(self, listen: Endpoint, secret: str, log_path: Path, resolvers: tuple[str, ...] = (),
-                 status_socket: Path | None = None):
-        self.listen, self.log_path, self.resolvers = listen, log_path, resolvers
-        self.status_socket = status_socket
-        self._key = relay_key(secret)
+    def __init__(self, listen: Endpoint, log_path: Path, status_socket: Path | None = None):
+        self.listen, self.log_path, self.status_socket = listen, log_path, status_socket
+        self._listener: socket.socket | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        # Bound here, not in the child, so a busy port is a one-line error from `gateway start`.
+    def bind(self) -> None:
+        """Bind the port here, first thing in start-up, so a busy port is a one-line error from
+        `gateway start` at once, not after ocserv and the egress came up."""
         family = socket.AF_INET6 if ":" in self.listen.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -32,21 +33,33 @@ class RelayProcess:
             listener.close()
             raise GatewayError(f"cannot listen on {self.listen} (TCP relay): {e.strerror}",
                                "choose --relay-port PORT, or --no-relay") from None
-        with listener, open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
-                 *(f"--resolver={ip}" for ip in self.resolvers),
-                 *([f"--status-socket={self.status_socket}"] if self.status_socket else [])],
-                stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
-                preexec_fn=linux.die_with_parent)
+        self._listener = listener
+
+    def start(self, secret: str, resolvers: tuple[str, ...] = ()) -> None:
+        """Hand the bound port to the relay server process."""
+        log = open_file(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with self._listener as listener:
+            try:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
+                     *(f"--resolver={ip}" for ip in resolvers),
+                     *([f"--status-socket={self.status_socket}"] if self.status_socket else [])],
+                    stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
+                    preexec_fn=linux.die_with_parent)
+            finally:
+                os.close(log)
+        self._listener = None
         # The key travels on a pipe, never in argv or the environment.
-        self.process.stdin.write(self._key.hex().encode() + b"\n")
+        self.process.stdin.write(relay_key(secret).hex().encode() + b"\n")
         self.process.stdin.close()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
+        if self._listener:
+            self._listener.close()
+            self._listener = None
         if self.alive():
             proc.terminate(self.process.pid, grace=3)
             self.process.wait()

@@ -19,7 +19,9 @@ import socket
 from pathlib import Path
 
 from .. import proc
+from ..errors import GatewayError
 from .config import GatewayConfig
+from .credentials import read_file
 
 RELAY_STATUS_SOCKET = "relay-status.sock"
 _SESSION_NAME = re.compile(r"^(?P<worker>vpnp-\d+)-(?P<reconnections>\d+)$")
@@ -39,17 +41,18 @@ class WorkerStatus:
 
 
 def _tunnel_sessions(cfg: GatewayConfig) -> list[dict]:
-    out = proc.run(["occtl", "--socket-file", str(cfg.run_dir / "occtl.sock"), "--json", "show", "users"],
-                   timeout=10).stdout
+    # LC_ALL=C: we parse what occtl says, whatever the operator's locale.
+    out = proc.run(["env", "LC_ALL=C", proc.find_tool("occtl"), "--socket-file", str(cfg.run_dir / "occtl.sock"),
+                    "--json", "show", "users"], timeout=10).stdout
     return json.loads(out or "[]")
 
 
 def _device_bytes(cfg: GatewayConfig) -> dict[str, tuple[int, int]]:
     """ocserv's tun devices: name -> (received from the worker, sent to the worker)."""
     try:
-        pid = int((cfg.run_dir / "ocserv.pid").read_text().split()[0])
+        pid = int(read_file(cfg.run_dir / "ocserv.pid").split()[0])
         lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, GatewayError):
         return {}
     counters = {}
     for line in lines:

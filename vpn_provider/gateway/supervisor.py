@@ -15,17 +15,37 @@ import ssl
 import time
 from pathlib import Path
 
-from .. import egress, proc
+from .. import egress, linux, proc
 from ..errors import GatewayError, VPNError
 from ..ticket import Endpoint, Ticket
 from . import ocserv_conf, registry
 from .config import GatewayConfig, host_resolvers
-from .credentials import ensure_credentials, pin_of
+from .credentials import (check_dir, check_existing, check_file, ensure_credentials, open_file, pin_of, read_file,
+                          write_file)
 from .namespace import GatewayNamespace
 from .relay import RelayProcess
 from .status import RELAY_STATUS_SOCKET
 
 log = logging.getLogger(__name__)
+
+#: What a gateway keeps in its state dir besides the credentials (those: credentials.py).
+STATE_FILES = ("gateway.lock", "gateway.pid", "gateway.log", "ocserv.conf", "ocserv.log", "ocserv.log.1", "relay.log")
+
+
+def prepare_dirs(cfg: GatewayConfig) -> None:
+    """Refuse a state or credentials dir, or a file in them, that another user made or can
+    change (credentials.check_dir and check_file), before anything is written there; then
+    create the directories that are missing, private."""
+    dirs = ((cfg.state_dir, "state dir"), (cfg.run_dir, "run dir"), (cfg.credentials, "credentials dir"))
+    for path, what in dirs:
+        check_dir(path, what)
+    for name in STATE_FILES:
+        check_file(cfg.state_dir / name)
+    check_existing(cfg.credentials)
+    registry.check(cfg.credentials)
+    for path, _ in dirs:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cfg.state_dir, 0o700)
 
 
 def host_addresses() -> list[str]:
@@ -60,6 +80,16 @@ def probe_pin(endpoint: Endpoint, timeout: float) -> str:
     return pin_of(ssl.DER_cert_to_PEM_cert(der).encode())
 
 
+def _check_port_free(listen: Endpoint) -> None:
+    """The egress binds the listen port only once ocserv runs; try it now."""
+    with socket.socket(socket.AF_INET6 if ":" in listen.host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((listen.host, listen.port))
+        except OSError as e:
+            raise GatewayError(f"cannot listen on {listen} (TCP): {e.strerror}", "choose --listen HOST:PORT") from None
+
+
 def _wait_accepting(cfg: GatewayConfig, pin: str, alive, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -87,9 +117,12 @@ class Supervisor:
 
     def bring_up(self) -> Ticket:
         cfg = self.cfg
-        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(cfg.state_dir, 0o700)
-        cfg.run_dir.mkdir(mode=0o700, exist_ok=True)
+        # Busy ports first, so they fail at once rather than once ocserv and the egress are up.
+        _check_port_free(cfg.listen)
+        if cfg.relay:
+            self.relay = RelayProcess(cfg.relay_endpoint, cfg.state_dir / "relay.log",
+                                      status_socket=cfg.run_dir / RELAY_STATUS_SOCKET)
+            self.relay.bind()
         hosts = host_addresses()
         endpoints = advertised_endpoints(cfg, hosts)
         relay_port = cfg.relay_endpoint.port if cfg.relay else 0
@@ -102,26 +135,24 @@ class Supervisor:
         if not dns:
             raise GatewayError("no DNS resolver to push to clients", "pass --dns IP[,IP]")
         conf = cfg.state_dir / "ocserv.conf"
-        conf.write_text(ocserv_conf.render(ocserv_conf.OcservSettings(
+        write_file(conf, ocserv_conf.render(ocserv_conf.OcservSettings(
             port=cfg.listen.port, pool=cfg.pool, dns=dns, server_cert=creds.server_cert,
             server_key=creds.server_key, passwd_file=creds.passwd_file, run_dir=cfg.run_dir,
-            mtu=cfg.mtu)))
+            mtu=cfg.mtu)).encode())
         self.ns = GatewayNamespace([proc.find_tool("ocserv"), "--foreground", "--config", str(conf)],
                                    str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat)
         self.ns.spawn()
         self.egress = backend(cfg.run_dir)
         extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts))
         self.ns.release(extra)
-        if cfg.relay:
+        if self.relay:
             # The relay runs in this host's network, so this host's resolvers serve its DNS
             # streams (relay-only workers), loopback ones included.
             relay_resolvers = cfg.dns or tuple(host_resolvers(loopback=True))
             if not relay_resolvers:
                 log.warning("no IPv4 resolver in /etc/resolv.conf: relay-only workers cannot "
                             "resolve names; pass --dns IP")
-            self.relay = RelayProcess(cfg.relay_endpoint, creds.secret, cfg.state_dir / "relay.log",
-                                      resolvers=relay_resolvers, status_socket=cfg.run_dir / RELAY_STATUS_SOCKET)
-            self.relay.start()
+            self.relay.start(creds.secret, relay_resolvers)
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         with registry.locked(cfg.credentials):
             every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)
@@ -177,7 +208,14 @@ def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
     """Foreground gateway. ``ready_fd`` gets one line, ``READY {json}`` or ``ERROR message``."""
     ready = _ReadyPipe(ready_fd)
     pidfile = cfg.state_dir / "gateway.pid"
+    # This process and its children (ocserv, the relay) hold the server key and the client secret.
+    linux.no_core_dumps()
+    # Every client of ocserv and every relayed flow holds descriptors; children inherit the limit.
+    linux.raise_open_file_limit()
+    os.umask(0o077)  # what ocserv and the egress create in the state dir (pid file, sockets) is ours alone
+    os.environ["LC_ALL"] = "C"  # we parse and log the tools' messages: keep them in English
     try:
+        prepare_dirs(cfg)
         lock = _lock_state_dir(cfg.state_dir)
     except GatewayError as e:
         ready.send(f"ERROR {e}")
@@ -188,7 +226,7 @@ def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, _raise_interrupt)
         ticket = sup.bring_up()
-        pidfile.write_text(f"{os.getpid()}\n")
+        write_file(pidfile, f"{os.getpid()}\n".encode())
         ready.send("READY " + json.dumps({"gateways": [str(g) for g in ticket.gateways],
                                           "ticket": str(cfg.ticket_path)}))
         return sup.serve()
@@ -229,8 +267,7 @@ class _ReadyPipe:
 
 def _lock_state_dir(state_dir: Path) -> int:
     """One gateway per state dir: hold an flock for the supervisor's lifetime."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = open_file(state_dir / "gateway.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -250,8 +287,8 @@ def read_pid(state_dir: Path) -> int:
     """PID of the live gateway supervisor for ``state_dir``, or 0. Without a pid file (the
     state dir was deleted or unmounted under it), look for it among this user's processes."""
     try:
-        pid = int((state_dir / "gateway.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        pid = int(read_file(state_dir / "gateway.pid").split()[0])
+    except (OSError, ValueError, IndexError, GatewayError):
         pid = 0
     # Guard against a recycled pid: it must be a gateway run for this very state dir.
     if pid and _runs_gateway_for(pid, state_dir):

@@ -1,0 +1,131 @@
+"""On the simulated site, as the site's unprivileged user: a state dir another user planted files
+in is refused in one line and nothing is written; a busy relay port fails at once, in one line."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import comm, wait_until
+
+pytestmark = pytest.mark.site
+
+LISTEN_PORT = 9490  # the relay takes LISTEN_PORT + 1
+
+
+def snapshot(*paths: Path) -> dict:
+    """Every entry under ``paths``: its type and mode, owner, size, mtime, and content or target."""
+    out = {}
+    for root in paths:
+        for p in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
+            st = p.lstat()
+            what = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            out[str(p)] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, what)
+    return out
+
+
+def start(site_env, state: Path) -> subprocess.CompletedProcess:
+    return site_env.vp(site_env.site.login, "gateway", "start", "--state-dir", str(state),
+                       "--listen", f"0.0.0.0:{LISTEN_PORT}")
+
+
+def test_a_planted_state_dir_is_refused_and_nothing_is_written(site_env):
+    site = site_env.site
+    # The victim's own file, and a state dir the victim left writable by everyone.
+    victim = site.home / "notes.txt"
+    victim.write_text("the victim's notes\n")
+    state = site.home / "gw-planted"
+    state.mkdir()
+    for path in (victim, state):
+        shutil.chown(path, site.user, site.user)
+    os.chmod(state, 0o777)
+    # Another user (root, here) plants a secret of theirs, a matching password file, and a config
+    # that is a symlink to the victim's file.
+    secret = "the-attacker-knows-this-secret"
+    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=secret + "\n", capture_output=True,
+                            text=True, check=True).stdout.strip()
+    (state / "client-secret").write_text(secret)
+    (state / "ocpasswd").write_text(f"worker:*:{hashed}\n")
+    for name in ("client-secret", "ocpasswd"):
+        os.chmod(state / name, 0o644)
+    (state / "ocserv.conf").symlink_to(victim)
+    before = snapshot(state, victim)
+    pids = set(site.user_pids())
+
+    done = start(site_env, state)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: state dir {state} is writable by group or others "
+                                        f"(mode 0777); chmod go-w {state}, and remove any file in it you did not make"]
+    assert snapshot(state, victim) == before
+    assert wait_until(lambda: set(site.user_pids()) <= pids, 10)
+
+    # The victim follows the advice but keeps the planted files: each is refused in turn.
+    os.chmod(state, 0o700)
+    before = snapshot(state, victim)
+    done = start(site_env, state)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: {state / 'ocserv.conf'} is a symlink; "
+                                        f"remove it (rm {state / 'ocserv.conf'})"]
+    assert snapshot(state, victim) == before
+    (state / "ocserv.conf").unlink()
+    before = snapshot(state, victim)
+    done = start(site_env, state)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: {state / 'client-secret'} belongs to root, not "
+                                        f"you; remove it (rm {state / 'client-secret'})"]
+    assert snapshot(state, victim) == before
+    assert wait_until(lambda: set(site.user_pids()) <= pids, 10)
+
+
+def test_a_state_dir_of_another_user_is_refused(site_env):
+    site = site_env.site
+    state = site.home / "gw-not-mine"
+    state.mkdir(mode=0o755)  # root's, in the user's home
+    done = start(site_env, state)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: state dir {state} belongs to root, not you; "
+                                        "use a state dir of your own"]
+    assert list(state.iterdir()) == []
+
+
+def test_a_busy_relay_port_fails_at_once_in_one_line(site_env):
+    site = site_env.site
+    state = site.home / "gw-busy-relay"
+    holder = subprocess.Popen(site.as_root(site.login, [
+        sys.executable, "-c", "import socket, time; s = socket.socket(); "
+        f"s.bind(('0.0.0.0', {LISTEN_PORT + 1})); s.listen(); print('ready', flush=True); time.sleep(120)"]),
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        pids = set(site.user_pids())
+        began = time.monotonic()
+        done = start(site_env, state)
+        took = time.monotonic() - began
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: cannot listen on 0.0.0.0:{LISTEN_PORT + 1} "
+                                        "(TCP relay): Address already in use; choose --relay-port PORT, or --no-relay"]
+    assert took < 5, f"a busy relay port took {took:.1f} s to report"
+    assert wait_until(lambda: set(site.user_pids()) <= pids, 10)
+    assert not (state / "ocserv.conf").exists(), "ocserv was configured before the relay port was bound"
+
+
+def test_gateway_processes_dump_no_core_use_every_descriptor_allowed_and_log(site_env):
+    limits = {}
+    for pid in site_env.baseline:  # the main gateway's processes: supervisor, ocserv, egress, relay
+        lines = Path(f"/proc/{pid}/limits").read_text().splitlines()
+        limits[comm(pid)] = {ln[:26].strip(): ln[26:].split()[:2] for ln in lines[1:]}
+    assert any(name.startswith("ocserv") for name in limits), limits
+    for name, limit in limits.items():
+        assert limit["Max core file size"] == ["0", "0"], name
+        assert limit["Max open files"][0] == limit["Max open files"][1], name
+    ocserv = next(pid for pid in site_env.baseline if comm(pid).startswith("ocserv"))
+    assert b"LC_ALL=C\0" in Path(f"/proc/{ocserv}/environ").read_bytes()
+    assert (site_env.gateway_dir / "ocserv.log").stat().st_size > 0
