@@ -3,7 +3,10 @@ time-out, and no process left behind."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,21 @@ def _ticket_text(site_env, **changes) -> str:
     return json.dumps(data)
 
 
+def _user_file(env, name: str, create) -> Path:
+    """A file of the site's user that ``create(path)`` makes (a FIFO, a sparse file), mode 0600."""
+    path = env.site.home / name
+    path.unlink(missing_ok=True)
+    create(path)
+    os.chmod(path, 0o600)
+    shutil.chown(path, env.site.user, env.site.user)
+    return path
+
+
+def _sparse_100_mb(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(100 << 20)
+
+
 CASES = {
     "missing file": (lambda env: env.site.home / "no-such-ticket.json", "no such file"),
     "malformed json": (lambda env: env.write_ticket("bad.json", "{not json"), "not valid JSON"),
@@ -29,6 +47,15 @@ CASES = {
         env, gateways=["198.19.20.1:9"])), "connection refused"),
     "readable by others": (lambda env: env.write_ticket("open.json", env.ticket.read_text(), mode=0o644),
                            "readable by other users"),
+    "a FIFO": (lambda env: _user_file(env, "fifo.json", os.mkfifo), "not a regular file (a FIFO)"),
+    "/dev/zero": (lambda env: Path("/dev/zero"), "not a regular file (a character device)"),
+    "deep JSON": (lambda env: env.write_ticket("deep.json", "[" * 30000 + "]" * 30000), "nested too deeply"),
+    "huge numbers": (lambda env: env.write_ticket("huge-number.json", _ticket_text(env).replace(
+        '"version": 1', '"version": 1e400')), "'version' must be an integer"),
+    "huge file": (lambda env: _user_file(env, "huge.json", _sparse_100_mb), "larger than 64 KiB"),
+    "3000 gateways": (lambda env: env.write_ticket("many.json", _ticket_text(
+        env, gateways=[f"198.19.{i // 250}.{i % 250 + 1}:9" for i in range(3000)])),
+        "3000 entries, a worker takes at most 64"),
 }
 
 

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import VPNError
+from .errors import GatewayError, VPNError
 from .gateway.config import DEFAULT_LISTEN, DEFAULT_POOL, GatewayConfig
 from .relay import TCP_TRANSPORTS
 from .ticket import Endpoint
+
+log = logging.getLogger(__name__)
 
 EXIT_FAILURE = 1
 # Like env(1) and timeout(1): 125 means we failed before CMD could run, so callers can tell
@@ -123,12 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    # GatewayConfig raises ValueError with the reason; main prints it in one line.
-    return GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
-                         dns=args.dns, pool=args.pool, egress=args.egress,
-                         advertise=tuple(args.advertise), mtu=args.mtu, relay=args.relay,
-                         relay_port=args.relay_port,
-                         credentials_dir=args.credentials.expanduser().resolve() if args.credentials else None)
+    try:
+        cfg = GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
+                            dns=args.dns, pool=args.pool, egress=args.egress,
+                            advertise=tuple(args.advertise), mtu=args.mtu, relay=args.relay,
+                            relay_port=args.relay_port,
+                            credentials_dir=args.credentials.expanduser().resolve() if args.credentials else None)
+    except ValueError as e:  # the reason names the option and its value; main prints it in one line
+        raise GatewayError(str(e)) from None
+    for warning in cfg.warnings():
+        log.warning("warning: %s", warning)
+    return cfg
 
 
 def _gateway(args: argparse.Namespace) -> int:

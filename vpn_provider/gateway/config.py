@@ -7,11 +7,25 @@ import re
 from pathlib import Path
 
 from ..egress import CHOICES
+from ..egress.slirp import Slirp4netns
 from ..ticket import Endpoint
 
 DEFAULT_LISTEN = "0.0.0.0:8443"
 # CGNAT space: rarely used inside HPC sites, so it seldom shadows a real destination.
 DEFAULT_POOL = "100.64.0.0/16"
+# /30 holds ocserv's own address and one worker; a pool wider than /8 would take a large part
+# of the IPv4 Internet away from workers (their routes to it would lead into the pool).
+POOL_PREFIXES = range(8, 31)
+# slirp4netns --configure puts the gateway's namespace on libslirp's /24 around its guest
+# address; a pool there would shadow the egress' own router and DNS forwarder (pasta has none).
+SLIRP_NETWORK = ipaddress.IPv4Interface(f"{Slirp4netns.guest_addr}/24").network
+# Networks a pool must not overlap: their addresses cannot serve as a worker's own.
+POOL_CONFLICTS = (("'this network'", ipaddress.IPv4Network("0.0.0.0/8")),
+                  ("loopback", ipaddress.IPv4Network("127.0.0.0/8")),
+                  ("link-local", ipaddress.IPv4Network("169.254.0.0/16")),
+                  ("multicast", ipaddress.IPv4Network("224.0.0.0/4")),
+                  ("reserved space and the limited broadcast", ipaddress.IPv4Network("240.0.0.0/4")),
+                  ("slirp4netns' egress network", SLIRP_NETWORK))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +45,42 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.egress not in CHOICES:
             raise ValueError(f"egress must be one of {', '.join(CHOICES)}")
-        if self.pool.prefixlen > 30:
-            raise ValueError(f"pool {self.pool} is too small (need /30 or larger)")
+        self._check_pool()
         for d in self.dns:
-            if ipaddress.ip_address(d).version != 4:
+            ip = ipaddress.ip_address(d)
+            if ip.version != 4:
                 raise ValueError(f"--dns {d}: only IPv4 resolvers are supported (the tunnel is IPv4)")
+            unusable = ("unspecified" if ip.is_unspecified else "loopback" if ip.is_loopback
+                        else "multicast" if ip.is_multicast else "reserved" if ip.is_reserved else "")
+            if unusable:
+                raise ValueError(f"--dns {d}: not a resolver workers can reach ({unusable} address); "
+                                 "name a resolver's own address, or omit --dns to use this host's")
         if not 576 <= self.mtu <= 9000:
-            raise ValueError(f"mtu {self.mtu} outside 576..9000")
+            raise ValueError(f"--mtu {self.mtu}: outside 576..9000")
         if not 0 <= self.relay_port < 65536:
-            raise ValueError(f"relay port {self.relay_port} is not a port number")
+            raise ValueError(f"--relay-port {self.relay_port}: not a port number")
         if self.relay and self.relay_endpoint.port == self.listen.port:
-            raise ValueError(f"relay port {self.relay_port} must differ from the listen port")
+            raise ValueError(f"--relay-port {self.relay_port}: must differ from the listen port")
+
+    def _check_pool(self) -> None:
+        pool, remedy = self.pool, f"choose a private range such as the default {DEFAULT_POOL}"
+        if pool.prefixlen not in POOL_PREFIXES:
+            size = "too small" if pool.prefixlen > POOL_PREFIXES[-1] else "too large"
+            raise ValueError(f"--pool {pool}: {size} (allowed: /{POOL_PREFIXES[0]} to /{POOL_PREFIXES[-1]}); {remedy}")
+        for name, network in POOL_CONFLICTS:
+            if pool.overlaps(network) and not (network == SLIRP_NETWORK and self.egress == "pasta"):
+                raise ValueError(f"--pool {pool}: overlaps {name} ({network}); {remedy}")
+
+    def warnings(self) -> list[str]:
+        """Settings that work but are probably a mistake (the CLI prints each as one line)."""
+        try:
+            loopback = ipaddress.ip_address(self.listen.host).is_loopback
+        except ValueError:
+            loopback = self.listen.host == "localhost"
+        if loopback:  # not an error: fine for a test on one host, or behind an ssh tunnel
+            return [f"--listen {self.listen} is a loopback address, which compute nodes cannot reach; "
+                    f"listen on an address they can (default {DEFAULT_LISTEN})"]
+        return []
 
     @property
     def relay_endpoint(self) -> Endpoint:

@@ -94,8 +94,11 @@ class NodeHelper:
             if msg.startswith(tags):
                 return self._stash.pop(i)
         deadline = time.monotonic() + max(0.0, timeout)
+        # poll, not select(): exec may inherit enough descriptors to number ours above 1023.
+        readable = select.poll()
+        readable.register(self._ctl, select.POLLIN)
         while True:
-            if not select.select([self._ctl], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not readable.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000)):
                 return None
             msg = self._ctl.recv(1 << 20)
             if not msg or msg.startswith(tags):

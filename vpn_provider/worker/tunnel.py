@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import os
 import random
-import select
+import selectors
 import shutil
 import socket
 import sys
@@ -78,19 +78,24 @@ def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float, *, spread: fl
             continue
     deadline = time.monotonic() + timeout
     answered: list[Endpoint] = []
-    try:
-        while pending and time.monotonic() < deadline:
-            _, writable, _ = select.select([], list(pending), [], max(0.0, deadline - time.monotonic()))
-            for s in writable:
-                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                    if not answered:
-                        deadline = min(deadline, time.monotonic() + spread)
-                    answered.append(pending[s])
+    # A selector, not select(): that fails outright on descriptors numbered 1024 and above.
+    with selectors.DefaultSelector() as ready:
+        try:
+            for s in pending:
+                ready.register(s, selectors.EVENT_WRITE)
+            while pending and time.monotonic() < deadline:
+                for key, _ in ready.select(max(0.0, deadline - time.monotonic())):
+                    s = key.fileobj
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                        if not answered:
+                            deadline = min(deadline, time.monotonic() + spread)
+                        answered.append(pending[s])
+                    ready.unregister(s)
+                    s.close()
+                    del pending[s]
+        finally:
+            for s in pending:
                 s.close()
-                del pending[s]
-    finally:
-        for s in pending:
-            s.close()
     return random.choice(answered) if answered else None
 
 
