@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "so space two gateways' ports by two)")
             a.add_argument("--no-relay", dest="relay", action="store_false",
                            help="no relay: workers' TCP goes through the encrypted tunnel too")
+            a.add_argument("--plain-relay", action="store_true",
+                           help="the relay carries flows UNENCRYPTED (faster on a trusted site network; "
+                                "default: AES-128-GCM)")
+            a.add_argument("--allow", action="append", default=[], metavar="CIDR[:PORTS]",
+                           help="workers may reach only these (repeatable; PORTS: 1094, 1094-1099 or 80,443; "
+                                "IPv6 as [2001:db8::/32]:443)")
+            a.add_argument("--deny", action="append", default=[], metavar="CIDR[:PORTS]",
+                           help="workers may not reach these (repeatable); loopback, link-local, multicast "
+                                "and the gateway's own ports are always denied")
             a.add_argument("--credentials", type=Path, default=None,
                            help="directory of credentials shared by several gateways, whose ticket.json "
                                 "names them all (default: the state dir)")
@@ -129,7 +138,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         cfg = GatewayConfig(state_dir=args.state_dir.expanduser().resolve(), listen=args.listen,
                             dns=args.dns, pool=args.pool, egress=args.egress,
                             advertise=tuple(args.advertise), mtu=args.mtu, relay=args.relay,
-                            relay_port=args.relay_port,
+                            relay_port=args.relay_port, plain_relay=args.plain_relay,
+                            allow=tuple(args.allow), deny=tuple(args.deny),
                             credentials_dir=args.credentials.expanduser().resolve() if args.credentials else None)
     except ValueError as e:  # the reason names the option and its value; main prints it in one line
         raise GatewayError(str(e)) from None
@@ -156,10 +166,15 @@ def _gateway(args: argparse.Namespace) -> int:
         print("gateway stopped")
         return 0
     workers = gw.workers()
+    from .gateway.status import relay_settings
+    relay = relay_settings(gw.config)
     if args.json:
-        print(json.dumps({"pid": gw.pid, "workers": [dataclasses.asdict(w) for w in workers]}, indent=2))
+        print(json.dumps({"pid": gw.pid, "relay": relay, "workers": [dataclasses.asdict(w) for w in workers]},
+                         indent=2))
         return 0
     print(f"gateway pid {gw.pid}, {len(workers)} worker(s)")
+    for name, value in relay.items():
+        print(f"relay {name}: {value}")
     if workers:
         from .gateway.status import table
         print("\n".join(table(workers)))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..egress import CHOICES
 from ..egress.slirp import Slirp4netns
+from ..policy import Policy, PolicyError
 from ..ticket import Endpoint
 
 DEFAULT_LISTEN = "0.0.0.0:8443"
@@ -41,6 +42,9 @@ class GatewayConfig:
     relay_port: int = 0  # 0: the listen port + 1
     #: Shared by every gateway that should be in one ticket (see registry.py); None: state_dir.
     credentials_dir: Path | None = None
+    plain_relay: bool = False  # the relay carries flows unencrypted: an explicit opt-out
+    allow: tuple[str, ...] = ()  # destination policy rules, CIDR[:PORTS] (see policy.py)
+    deny: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.egress not in CHOICES:
@@ -61,6 +65,10 @@ class GatewayConfig:
             raise ValueError(f"--relay-port {self.relay_port}: not a port number")
         if self.relay and self.relay_endpoint.port == self.listen.port:
             raise ValueError(f"--relay-port {self.relay_port}: must differ from the listen port")
+        try:
+            self.policy
+        except PolicyError as e:
+            raise ValueError(f"--allow/--deny {e}") from None
 
     def _check_pool(self) -> None:
         pool, remedy = self.pool, f"choose a private range such as the default {DEFAULT_POOL}"
@@ -88,6 +96,11 @@ class GatewayConfig:
         return Endpoint(self.listen.host, self.relay_port or default)
 
     @property
+    def policy(self) -> Policy:
+        own = (self.listen.port, self.relay_endpoint.port) if self.relay else (self.listen.port,)
+        return Policy.from_args(self.allow, self.deny, own_ports=own)
+
+    @property
     def credentials(self) -> Path:
         return self.credentials_dir or self.state_dir
 
@@ -110,7 +123,9 @@ class GatewayConfig:
             args += ["--advertise", str(a)]
         if self.credentials_dir:
             args += ["--credentials", str(self.credentials_dir)]
-        return args
+        if self.plain_relay:
+            args.append("--plain-relay")
+        return args + self.policy.cli_args()
 
 
 def host_resolvers(resolv_conf: str = "/etc/resolv.conf", *, loopback: bool = False) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import linux, proc
 from ..errors import GatewayError
+from ..policy import Policy
 from ..relay.protocol import relay_key
 from ..ticket import Endpoint
 from .credentials import open_file
@@ -35,7 +36,8 @@ class RelayProcess:
                                "choose --relay-port PORT, or --no-relay") from None
         self._listener = listener
 
-    def start(self, secret: str, resolvers: tuple[str, ...] = ()) -> None:
+    def start(self, secret: str, resolvers: tuple[str, ...] = (), *, plain: bool = False,
+              policy: Policy = Policy()) -> None:
         """Hand the bound port to the relay server process."""
         log = open_file(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         with self._listener as listener:
@@ -43,7 +45,9 @@ class RelayProcess:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
                      *(f"--resolver={ip}" for ip in resolvers),
-                     *([f"--status-socket={self.status_socket}"] if self.status_socket else [])],
+                     *([f"--status-socket={self.status_socket}"] if self.status_socket else []),
+                     *(["--plain"] if plain else []), *policy.cli_args(),
+                     *(f"--own-port={port}" for port in policy.own_ports)],
                     stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
                     preexec_fn=linux.die_with_parent)
             finally:

@@ -63,8 +63,9 @@ def _device_bytes(cfg: GatewayConfig) -> dict[str, tuple[int, int]]:
     return counters
 
 
-def _relay_workers(cfg: GatewayConfig) -> list[dict]:
-    """The relay's view, [] if it runs none or does not answer."""
+def _relay_report(cfg: GatewayConfig) -> dict:
+    """The relay's view ({"workers": [...], "encryption": ..., "policy": ...}), {} if it runs
+    none or does not answer."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
@@ -72,9 +73,20 @@ def _relay_workers(cfg: GatewayConfig) -> list[dict]:
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
-        return json.loads(data or b"{}").get("workers", [])
+        report = json.loads(data or b"{}")
+        return report if isinstance(report, dict) else {}
     except (OSError, ValueError):
-        return []
+        return {}
+
+
+def relay_settings(cfg: GatewayConfig) -> dict[str, str]:
+    """How the relay carries flows and where it lets workers go, as it reports them."""
+    report = _relay_report(cfg)
+    return {k: str(report[k]) for k in ("encryption", "policy") if k in report}
+
+
+def _relay_workers(cfg: GatewayConfig) -> list[dict]:
+    return _relay_report(cfg).get("workers", [])
 
 
 def workers(cfg: GatewayConfig) -> list[WorkerStatus]:

@@ -152,7 +152,9 @@ class Supervisor:
             if not relay_resolvers:
                 log.warning("no IPv4 resolver in /etc/resolv.conf: relay-only workers cannot "
                             "resolve names; pass --dns IP")
-            self.relay.start(creds.secret, relay_resolvers)
+            self.relay.start(creds.secret, relay_resolvers, plain=cfg.plain_relay, policy=cfg.policy)
+            if cfg.plain_relay:
+                log.warning("the relay carries workers' flows UNENCRYPTED (--plain-relay)")
         _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         with registry.locked(cfg.credentials):
             every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)

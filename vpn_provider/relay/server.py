@@ -320,23 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     linux.set_process_name(PROCESS_NAME)
-    linux.raise_open_file_limit()  # every flow holds six descriptors; 1024 would stop us near 170
+    linux.raise_open_file_limit()  # a flow holds 4 descriptors (6 if spliced); 1024 would stop us early
     # SIGTERM (`gateway stop`) must kill at once, even if our parent ignored it: the kernel then
     # resets every flow (see pump), and no application takes a cut stream for a whole one.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    linux.no_core_dumps()  # we hold the key (under the gateway this is inherited already)
     key = bytes.fromhex(sys.stdin.readline().strip())
     sys.stdin.close()
     listener = socket.socket(fileno=args.listen_fd)
     table = WorkerTable()
+    mode = Mode.PLAIN if args.plain else Mode.SEALED
+    policy = Policy.from_args(args.allow, args.deny, tuple(args.own_port))
+    settings = {"encryption": "none (--plain-relay)" if args.plain else "AES-128-GCM", "policy": policy.describe()}
     if args.status_socket:
         status_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         args.status_socket.unlink(missing_ok=True)
         status_listener.bind(str(args.status_socket))
         status_listener.listen(16)
-        threading.Thread(target=serve_status, args=(status_listener, table), daemon=True).start()
+        threading.Thread(target=serve_status, args=(status_listener, table, settings), daemon=True).start()
     try:
-        serve(listener, key, tuple(args.resolver), table, Mode.PLAIN if args.plain else Mode.SEALED,
-              Policy.from_args(args.allow, args.deny, tuple(args.own_port)))
+        serve(listener, key, tuple(args.resolver), table, mode, policy)
     except KeyboardInterrupt:
         pass
     return 0

@@ -72,8 +72,9 @@ class WorkerTable:
                     for (node, worker), t in sorted(self._tallies.items())]
 
 
-def serve_status(listener: socket.socket, table: WorkerTable) -> None:
-    """Answer every connection on the status socket with the table as JSON, then close it."""
+def serve_status(listener: socket.socket, table: WorkerTable, settings: dict[str, str]) -> None:
+    """Answer every connection on the status socket with the table and ``settings`` as JSON,
+    then close it."""
     while True:
         try:
             conn, _ = listener.accept()
@@ -83,6 +84,6 @@ def serve_status(listener: socket.socket, table: WorkerTable) -> None:
         with conn:
             try:
                 conn.settimeout(5)
-                conn.sendall(json.dumps({"workers": table.snapshot()}).encode())
+                conn.sendall(json.dumps({**settings, "workers": table.snapshot()}).encode())
             except OSError:
                 pass
