@@ -2,9 +2,10 @@
 
 - ``_tunfd_preload``: the LD_PRELOAD shim that hands openconnect a tun device from the worker's
   namespace. Built as an extension module, but never imported, only preloaded into openconnect.
-- ``_node_helper``: the worker's companion, a small executable (about 1 MB resident, where a
-  Python helper costs 11 MB per worker): the node's end of the TCP relay, and the keeper that
-  runs openconnect and brings the tunnel back after the gateway restarts.
+- ``_node_helper``: the worker's companion, a small executable (about 1 MB of memory of its own,
+  where a Python helper costs 11 MB per worker): the node's end of the TCP relay, and the keeper
+  that runs openconnect and brings the tunnel back after the gateway restarts. Links OpenSSL's
+  libcrypto (libssl-dev to build).
 """
 import os
 
@@ -20,9 +21,10 @@ class BuildWithNodeRelay(build_ext):
         super().run()
         # Next to the preload shim: the build tree, or the source tree for editable installs.
         out_dir = os.path.dirname(self.get_ext_fullpath("vpn_provider._tunfd_preload"))
-        objects = self.compiler.compile([f"{NATIVE}/node_helper.c", f"{NATIVE}/sha256.c", f"{NATIVE}/tunnel_keeper.c"],
-                                        output_dir=self.build_temp, extra_postargs=FLAGS)
-        self.compiler.link_executable(objects, "_node_helper", output_dir=out_dir,
+        sources = [f"{NATIVE}/{name}.c" for name in ("node_helper", "relay_crypto", "tunnel_keeper")]
+        objects = self.compiler.compile(sources, output_dir=self.build_temp, extra_postargs=FLAGS)
+        # libcrypto (OpenSSL 3, Debian's libssl-dev): the relay's X25519, HKDF, HMAC and AES-GCM.
+        self.compiler.link_executable(objects, "_node_helper", output_dir=out_dir, libraries=["crypto"],
                                       extra_postargs=["-pthread", "-s"])
 
 

@@ -3,8 +3,9 @@
  * vpn_provider/relay/protocol.py), and its thread in tunnel_keeper.c keeps the tunnel.
  *
  * `vpn-provider exec` starts one per worker, in the node's own network namespace, and it lives
- * as long as the job. It is C so that it costs the job about 1 MB of memory, not the 11 MB of
- * an interpreter. Its life, driven over the control socket on fd 3 (SOCK_SEQPACKET):
+ * as long as the job. It is C so that it costs the job about 1 MB of memory of its own (most of
+ * it libcrypto's tables; its code is shared), not the 11 MB of an interpreter. Its life, driven
+ * over the control socket on fd 3 (SOCK_SEQPACKET):
  *
  *   exec -> us   "IP[,IP..] PORT KEYHEX WORKER"  the gateways' relays; the key never in argv
  *   us -> exec   "OK" | "NO <reason>"        after proving the secret to the relay (a PING)
@@ -13,8 +14,10 @@
  *                  [0] listener for redirected TCP (its SO_ORIGINAL_DST is the destination)
  *                  [1] UDP socket, [2] TCP listener: the namespace's resolver (relay-only mode)
  *
- * Then, per connection, a thread connects to the relay, runs the handshake, and splices bytes
- * both ways. A DNS query over UDP becomes one DNS-over-TCP exchange with the gateway's resolver.
+ * Then, per connection, a thread connects to the relay, runs the handshake (relay protocol 3,
+ * its cryptography in relay_crypto.c) and carries the bytes both ways: as AES-GCM records
+ * (pump_sealed), or, if the gateway chose plain relaying, spliced as they are (pump). A DNS query
+ * over UDP becomes one DNS-over-TCP exchange with the gateway's resolver.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -22,6 +25,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/netfilter_ipv4.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -34,27 +38,25 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "sha256.h"
+#include "relay_crypto.h"
 #include "tunnel_keeper.h"
 
 #define CTL_FD 3
-#define MAGIC "VPNP-RELAY/2\n"     /* see vpn_provider/relay/protocol.py */
-#define NONCE 16
-#define REQUEST 11                 /* verb (1) | IPv4 (4) | port (2) | worker (4) */
 #define PRESENCE_RETRY_MS 1000
 #define CHUNK (256 * 1024)         /* per pipe; see vpn_provider/relay/pump.py on the quota */
 #define CONNECT_TIMEOUT_MS 10000
 #define ANSWER_TIMEOUT_S 20        /* the gateway may take 15 s to reach a destination */
 #define DNS_TIMEOUT_S 5
-#define THREAD_STACK (64 * 1024)   /* flow threads only splice; small stacks keep RSS flat */
+#define THREAD_STACK (64 * 1024)   /* flow threads only move bytes (buffers: map_buffers); small
+                                      stacks keep RSS flat */
 #define SAY_INTERVAL 10            /* seconds between two lines on the job's stderr */
 #define OOB_CHUNK 4096
 
@@ -68,7 +70,7 @@ static struct sockaddr_in relay_addrs[MAX_RELAYS];
 static uint32_t worker_id;  /* exec's pid, which CMD keeps: the gateway's status names us by it */
 static int n_relays;
 static atomic_int relay_in_use;
-static uint8_t key[SHA256_SIZE];
+static uint8_t key[RELAY_SECRET];
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
@@ -231,11 +233,45 @@ int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeout_ms)
     return 0;
 }
 
-/* Connect to the relay and ask for `verb` to `dest` (network byte order). Returns the socket,
- * with *status set, or -1 with *why set. */
-static int open_flow(char verb, struct in_addr dest_ip, uint16_t dest_port, int *status, const char **why)
+/* A connection to the gateway's relay after its handshake: the gateway's mode, 'S' (sealed:
+ * records both ways) or 'P' (plain: the bytes as they are), and the two record directions. */
+struct flow {
+    int fd;
+    char mode;
+    struct record_direction up, down;  /* up: to the gateway; down: from it */
+};
+
+static void flow_end(struct flow *f)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    record_direction_end(&f->up);
+    record_direction_end(&f->down);
+}
+
+static __thread char why_text[256];  /* a reason open_flow had to compose */
+
+/* The first bytes from the relay were not our MAGIC: protocol.check_magic's words. */
+static const char *not_our_magic(const uint8_t *magic)
+{
+    const size_t prefix = sizeof RELAY_PROTOCOL - 1;
+    if (memcmp(magic, RELAY_PROTOCOL, prefix) != 0)
+        return "the gateway is not a vpn-provider relay";
+    char theirs[RELAY_MAGIC_SIZE] = "";
+    size_t n = 0;
+    for (size_t i = prefix; i < RELAY_MAGIC_SIZE; i++)
+        if (magic[i] > ' ' && magic[i] < 127)  /* printable, and stripped as Python's strip() */
+            theirs[n++] = (char)magic[i];
+    snprintf(why_text, sizeof why_text, "the gateway speaks relay protocol %s, this side %.*s: run the same "
+             "vpn-provider version on the login node and the compute nodes", theirs,
+             (int)(RELAY_MAGIC_SIZE - prefix - 1), RELAY_MAGIC + prefix);
+    return why_text;
+}
+
+/* Connect to the relay, run the handshake and ask for `verb` to `address` (16 bytes, IPv4 as
+ * ::ffff:a.b.c.d) and `port`. 0 with *f set up and *status the relay's answer, or -1 with *why. */
+static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct flow *f, int *status, const char **why)
+{
+    memset(f, 0, sizeof *f);
+    int fd = f->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         *why = strerror(errno);
         return -1;
@@ -244,53 +280,90 @@ static int open_flow(char verb, struct in_addr dest_ip, uint16_t dest_port, int 
     while (connect_with_timeout(fd, &relay_addrs[i], n_relays > 1 ? FAILOVER_CONNECT_TIMEOUT_MS : CONNECT_TIMEOUT_MS) < 0) {
         *why = strerror(errno);
         close(fd);
-        if (++tried == n_relays || (fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+        if (++tried == n_relays || (fd = f->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
             return -1;
         i = (i + 1) % n_relays;
     }
     if (i != first)
         gateway_in_use(i);
     set_timeouts(fd, ANSWER_TIMEOUT_S);
-    uint8_t hello[sizeof MAGIC - 1 + NONCE], answer[NONCE + SHA256_SIZE], mac[SHA256_SIZE];
-    uint8_t signed_part[1 + 2 * NONCE + REQUEST], proof[SHA256_SIZE + REQUEST], st;
-    uint8_t *cn = hello + sizeof MAGIC - 1, *sn = answer;
-    memcpy(hello, MAGIC, sizeof MAGIC - 1);
-    if (getrandom(cn, NONCE, 0) != NONCE) {
-        *why = "no random numbers";
-        goto fail;
+    struct client_handshake hs;
+    uint8_t server_hello[SERVER_HELLO], answer[RECORD_HEADER + 1 + RECORD_TAG];
+    uint8_t message[RELAY_MAC + RECORD_HEADER + RELAY_REQUEST + RECORD_TAG];  /* our proof, then the request */
+    uint8_t *request = message + RELAY_MAC + RECORD_HEADER;
+    int failed = 1;
+    if (handshake_start(&hs) < 0) {
+        *why = relay_crypto_error();
+        goto out;
     }
-    if (send_all(fd, hello, sizeof hello) < 0 || recv_all(fd, answer, sizeof answer) < 0) {
+    if (send_all(fd, hs.hello, CLIENT_HELLO) < 0 || recv_all(fd, server_hello, RELAY_MAGIC_SIZE) < 0) {
         *why = strerror(errno);
-        goto fail;
+        goto out;
     }
-    /* The server proves the secret first: HMAC(key, "S" | cn | sn). */
-    signed_part[0] = 'S';
-    memcpy(signed_part + 1, cn, NONCE);
-    memcpy(signed_part + 1 + NONCE, sn, NONCE);
-    hmac_sha256(key, sizeof key, signed_part, 1 + 2 * NONCE, mac);
-    if (!digest_equal(mac, answer + NONCE, SHA256_SIZE)) {
-        *why = "the relay does not know this ticket's secret (a different gateway?)";
-        goto fail;
+    if (memcmp(server_hello, RELAY_MAGIC, RELAY_MAGIC_SIZE) != 0) {
+        *why = not_our_magic(server_hello);
+        goto out;
     }
-    uint8_t *request = signed_part + 1 + 2 * NONCE;
-    request[0] = (uint8_t)verb;
-    memcpy(request + 1, &dest_ip, 4);
-    memcpy(request + 5, &dest_port, 2);
+    if (recv_all(fd, server_hello + RELAY_MAGIC_SIZE, SERVER_HELLO - RELAY_MAGIC_SIZE) < 0) {
+        *why = strerror(errno);
+        goto out;
+    }
+    f->mode = (char)server_hello[RELAY_MAGIC_SIZE];
+    if (f->mode != 'S' && f->mode != 'P') {
+        *why = "the gateway offered an unknown mode";
+        goto out;
+    }
+    if (handshake_finish(&hs, key, server_hello, &f->up, &f->down, message) < 0) {
+        *why = relay_crypto_error();
+        goto out;
+    }
     uint32_t worker = htonl(worker_id);
-    memcpy(request + 7, &worker, 4);
-    signed_part[0] = 'C';
-    hmac_sha256(key, sizeof key, signed_part, sizeof signed_part, proof);
-    memcpy(proof + SHA256_SIZE, request, REQUEST);
-    if (send_all(fd, proof, sizeof proof) < 0 || recv_all(fd, &st, 1) < 0) {
+    request[0] = (uint8_t)verb;
+    memcpy(request + 1, address, 16);
+    request[17] = (uint8_t)(port >> 8);
+    request[18] = (uint8_t)port;
+    memcpy(request + 19, &worker, 4);
+    if (record_seal(&f->up, message + RELAY_MAC, RELAY_REQUEST, RECORD_DATA) < 0) {
+        *why = relay_crypto_error();
+        goto out;
+    }
+    if (send_all(fd, message, sizeof message) < 0 || recv_all(fd, answer, RECORD_HEADER) < 0) {
         *why = strerror(errno);
-        goto fail;
+        goto out;
+    }
+    /* The answer is one DATA record of one byte; anything else is not worth reading on. */
+    if (answer[0] != RECORD_DATA || record_body_size(answer) != 1 + RECORD_TAG) {
+        *why = "the relay's answer: unknown status";
+        goto out;
+    }
+    if (recv_all(fd, answer + RECORD_HEADER, 1 + RECORD_TAG) < 0) {
+        *why = strerror(errno);
+        goto out;
+    }
+    if (record_open(&f->down, answer) < 0) {
+        snprintf(why_text, sizeof why_text, "the relay's answer: %s", relay_crypto_error());
+        *why = why_text;
+        goto out;
     }
     set_timeouts(fd, 0);
-    *status = st;
-    return fd;
-fail:
-    close(fd);
-    return -1;
+    *status = answer[RECORD_HEADER];
+    failed = 0;
+out:
+    handshake_end(&hs);
+    if (failed) {
+        flow_end(f);
+        close(fd);
+        return -1;
+    }
+    return 0;
+}
+
+/* IPv4 as IPv6, ::ffff:a.b.c.d, as requests carry addresses. */
+static void ipv4_mapped(struct in_addr ip, uint8_t address[16])
+{
+    memset(address, 0, 10);
+    address[10] = address[11] = 0xFF;
+    memcpy(address + 12, &ip, 4);
 }
 
 /* ---- the splice pump ---------------------------------------------------------------- */
@@ -379,25 +452,76 @@ static long now_ms(void)
     return (long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
-/* Pump until both directions have ended; consumes both sockets. `paced` (a or b, or -1) is the
- * link socket whose user timeout follows its peer's window. */
+/* What both pumps keep between their polls. */
+struct watch {
+    int paced;  /* the link socket whose user timeout follows its peer's window, or -1 */
+    int window_shut, hung_up[2];
+    long next_pace;
+};
+
+static void pace(struct watch *w)
+{
+    if (w->paced >= 0 && now_ms() >= w->next_pace) {
+        pace_user_timeout(w->paced, &w->window_shut);
+        w->next_pace = now_ms() + WATCH_MS;
+    }
+}
+
+/* Wait for what `p` asks, or `idle_ms` (-1: for ever). -1 if a socket failed, 0 if the time
+ * passed with nothing at all to do, else 1. */
+static int await_sockets(struct pollfd p[2], struct watch *w, int idle_ms)
+{
+    /* A socket we want nothing from still reports errors (POLLERR: the application reset
+     * an idle flow), but once it has hung up it stays out: POLLHUP would wake us in a loop. */
+    for (int i = 0; i < 2; i++)
+        if (!p[i].events && w->hung_up[i])
+            p[i].fd = -1;
+    /* Data on its way over the link (TIOCOUTQ is SIOCOUTQ): its peer's window may shut while
+     * we wait, so wake up to pace the user timeout. An idle flow sleeps. */
+    int queued = 0, wait = idle_ms;
+    if (w->paced >= 0 && ioctl(w->paced, TIOCOUTQ, &queued) == 0 && queued > 0)
+        wait = WATCH_MS;
+    int r = poll(p, 2, wait);
+    if (r < 0)
+        return errno == EINTR ? 1 : -1;
+    for (int i = 0; i < 2; i++) {
+        if (p[i].revents & POLLERR)
+            return -1;
+        if ((p[i].revents & POLLHUP) && !p[i].events)
+            w->hung_up[i] = 1;
+    }
+    return r == 0 && !queued ? 0 : 1;
+}
+
+/* Close a flow's two sockets: with a reset if it failed, so no one takes a cut stream for a
+ * whole one; else after delivering what is queued (the FINs are sent). */
+static void end_flow(int a, int b, int failed)
+{
+    if (failed) {
+        reset_close(a);
+        reset_close(b);
+    } else {
+        set_linger(a, 0);
+        set_linger(b, 0);
+        close(a);
+        close(b);
+    }
+}
+
+/* Splice until both directions have ended; consumes both sockets. */
 static void pump(int a, int b, int paced)
 {
     struct direction dirs[2] = {{a, b, -1, -1, 0, 0, 0}, {b, a, -1, -1, 0, 0, 0}};
-    int failed = 0, window_shut = 0;
-    long next_pace = 0;
+    struct watch w = {paced, 0, {0, 0}, 0};
+    int failed = 0;
     if (pipe_for(&dirs[0]) < 0 || pipe_for(&dirs[1]) < 0) {
         failed = 1;
         goto done;
     }
     fcntl(a, F_SETFL, fcntl(a, F_GETFL) | O_NONBLOCK);
     fcntl(b, F_SETFL, fcntl(b, F_GETFL) | O_NONBLOCK);
-    int hung_up[2] = {0, 0};
     while (!(dirs[0].shut && dirs[1].shut)) {
-        if (paced >= 0 && now_ms() >= next_pace) {
-            pace_user_timeout(paced, &window_shut);
-            next_pace = now_ms() + WATCH_MS;
-        }
+        pace(&w);
         int moved = 0;
         for (int i = 0; i < 2; i++) {
             int r = step(&dirs[i]);
@@ -417,27 +541,9 @@ static void pump(int a, int b, int paced)
             if (d->pending)
                 p[1 - i].events |= POLLOUT;
         }
-        /* A socket we want nothing from still reports errors (POLLERR: the application reset
-         * an idle flow), but once it has hung up it stays out: POLLHUP would wake us in a loop. */
-        for (int i = 0; i < 2; i++)
-            if (!p[i].events && hung_up[i])
-                p[i].fd = -1;
-        /* Data on its way over the link (TIOCOUTQ is SIOCOUTQ): its peer's window may shut while
-         * we wait, so wake up to pace the user timeout. An idle flow sleeps. */
-        int queued = 0, wait = -1;
-        if (paced >= 0 && ioctl(paced, TIOCOUTQ, &queued) == 0 && queued > 0)
-            wait = WATCH_MS;
-        if (poll(p, 2, wait) < 0 && errno != EINTR) {
+        if (await_sockets(p, &w, -1) < 0) {
             failed = 1;
             goto done;
-        }
-        for (int i = 0; i < 2; i++) {
-            if (p[i].revents & POLLERR) {
-                failed = 1;
-                goto done;
-            }
-            if ((p[i].revents & POLLHUP) && !p[i].events)
-                hung_up[i] = 1;
         }
     }
 done:
@@ -447,15 +553,203 @@ done:
         if (dirs[i].pipe_w >= 0)
             close(dirs[i].pipe_w);
     }
-    if (failed) {
-        reset_close(a);
-        reset_close(b);
-    } else {  /* both directions ended cleanly: deliver what is queued (the FINs are sent) */
-        set_linger(a, 0);
-        set_linger(b, 0);
-        close(a);
-        close(b);
+    end_flow(a, b, failed);
+}
+
+/* ---- the sealed pump: records both ways ---------------------------------------------- */
+
+/* A flow's record buffers come from mmap when its bytes start and go back when it ends, and an
+ * idle flow gives their pages back: a worker's memory is what its busy flows need now, never
+ * what a burst once needed (the heap would keep that). Each buffer is a whole number of pages. */
+#define IDLE_MS 1000
+
+static size_t buffer_span(void)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    return (RECORD_MAX + page - 1) / page * page;
+}
+
+static uint8_t *map_buffers(int count)
+{
+    void *p = mmap(NULL, count * buffer_span(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void unmap_buffers(uint8_t *p, int count)
+{
+    if (p)
+        munmap(p, count * buffer_span());
+}
+
+/* The application's bytes to the gateway: each read becomes one record, sealed in place. */
+struct sealing {
+    uint8_t *record;
+    size_t at, left;  /* sealed bytes not yet sent */
+    int ended, shut;  /* the application's end read (END sealed) / END sent and the link shut */
+};
+
+/* Records from the gateway to the application. Records are opened in place, and the
+ * plaintexts of small ones gathered behind the first's, so a burst of them is one write. */
+struct opening {
+    uint8_t *buf;
+    size_t start, end;              /* received bytes not yet opened */
+    size_t plain_at, plain_left;    /* opened bytes not yet written */
+    int ended, shut, link_ended;    /* END opened / the application shut / the link's TCP end */
+};
+
+/* Each step moves what it can without blocking: 1 if anything moved, 0 if not, -1 if the flow
+ * must be reset (with *why set if it is the gateway's records that are wrong). */
+static int seal_step(struct sealing *s, struct record_direction *d, int app, int link)
+{
+    int moved = 0;
+    if (!s->left && !s->ended) {
+        /* read, not splice: it steps over an urgent mark by itself (SO_OOBINLINE keeps the byte). */
+        ssize_t n = read(app, s->record + RECORD_HEADER, RECORD_MAX_PLAINTEXT);
+        if (n < 0)
+            return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        long size = record_seal(d, s->record, (size_t)n, n ? RECORD_DATA : RECORD_END);
+        if (size < 0)
+            return -1;
+        s->at = 0;
+        s->left = (size_t)size;
+        s->ended = n == 0;
+        moved = 1;
     }
+    while (s->left) {
+        ssize_t n = send(link, s->record + s->at, s->left, MSG_NOSIGNAL);
+        if (n < 0)
+            return errno == EAGAIN || errno == EINTR ? moved : -1;
+        s->at += (size_t)n;
+        s->left -= (size_t)n;
+        moved = 1;
+    }
+    if (s->ended && !s->shut) {
+        if (shutdown(link, SHUT_WR) < 0 && errno != ENOTCONN)
+            return -1;
+        s->shut = moved = 1;
+    }
+    return moved;
+}
+
+static int open_step(struct opening *o, struct record_direction *d, int link, int app, const char **why)
+{
+    int moved = 0;
+    if (!o->plain_left && !o->link_ended) {
+        if (o->start) {  /* a partial record at most: to the front, so that a whole one fits */
+            memmove(o->buf, o->buf + o->start, o->end - o->start);
+            o->end -= o->start;
+            o->start = 0;
+        }
+        ssize_t n = o->end < RECORD_MAX ? read(link, o->buf + o->end, RECORD_MAX - o->end) : -1;
+        if (n > 0) {
+            o->end += (size_t)n;
+            moved = 1;
+        } else if (n == 0) {
+            o->link_ended = moved = 1;
+            if (!o->ended || o->end > o->start) {
+                *why = o->ended ? "data after the end of the stream" : "the stream was cut (no end record)";
+                return -1;
+            }
+        } else if (errno != EAGAIN && errno != EINTR) {
+            return -1;
+        }
+    }
+    if (!o->plain_left) {
+        o->plain_at = o->start + RECORD_HEADER;
+        while (o->end - o->start >= RECORD_HEADER) {
+            uint8_t *record = o->buf + o->start, *gathered = o->buf + o->plain_at + o->plain_left;
+            long body = record_body_size(record), length;
+            if (o->ended) {
+                *why = "data after the end of the stream";
+                return -1;
+            }
+            if (body < 0) {
+                *why = relay_crypto_error();
+                return -1;
+            }
+            if (o->end - o->start < RECORD_HEADER + (size_t)body)
+                break;  /* the rest of it is still on its way */
+            if ((length = record_open(d, record)) < 0) {
+                *why = relay_crypto_error();
+                return -1;
+            }
+            if (gathered != record + RECORD_HEADER)
+                memmove(gathered, record + RECORD_HEADER, (size_t)length);
+            o->plain_left += (size_t)length;
+            o->ended = record[0] == RECORD_END;
+            o->start += RECORD_HEADER + (size_t)body;
+            moved = 1;
+        }
+    }
+    while (o->plain_left) {
+        ssize_t n = send(app, o->buf + o->plain_at, o->plain_left, MSG_NOSIGNAL);
+        if (n < 0)
+            return errno == EAGAIN || errno == EINTR ? moved : -1;
+        o->plain_at += (size_t)n;
+        o->plain_left -= (size_t)n;
+        moved = 1;
+    }
+    if (o->ended && !o->shut) {  /* the gateway's END: the application's end of stream */
+        if (shutdown(app, SHUT_WR) < 0 && errno != ENOTCONN)
+            return -1;
+        o->shut = moved = 1;
+    }
+    return moved;
+}
+
+/* Pump a sealed flow until both directions have ended; consumes both sockets. A stream is never
+ * cut silently: the application's end goes on as END then the link's FIN, the gateway's END as
+ * the application's FIN, and any other end of the link (a TCP end without END, a record that
+ * fails, data after END) resets both sockets. */
+static void pump_sealed(int app, struct flow *f, int paced)
+{
+    size_t span = buffer_span();
+    uint8_t *buffers = map_buffers(2);
+    struct sealing up = {buffers, 0, 0, 0, 0};
+    struct opening down = {buffers + span, 0, 0, 0, 0, 0, 0, 0};
+    struct watch w = {paced, 0, {0, 0}, 0};
+    const char *why = NULL;
+    int failed = !buffers, resident = 1;
+    fcntl(app, F_SETFL, fcntl(app, F_GETFL) | O_NONBLOCK);
+    fcntl(f->fd, F_SETFL, fcntl(f->fd, F_GETFL) | O_NONBLOCK);
+    while (!failed && !(up.shut && down.shut)) {
+        pace(&w);
+        int sealed = seal_step(&up, &f->up, app, f->fd);
+        int opened = sealed < 0 ? 0 : open_step(&down, &f->down, f->fd, app, &why);
+        if (sealed < 0 || opened < 0) {
+            failed = 1;
+            break;
+        }
+        if (sealed || opened) {
+            resident = 1;
+            continue;
+        }
+        struct pollfd p[2] = {{app, 0, 0}, {f->fd, 0, 0}};
+        if (!up.left && !up.ended)
+            p[0].events |= POLLIN;
+        if (down.plain_left)
+            p[0].events |= POLLOUT;
+        if (!down.plain_left && !down.link_ended)
+            p[1].events |= POLLIN;
+        if (up.left)
+            p[1].events |= POLLOUT;
+        int r = await_sockets(p, &w, resident ? IDLE_MS : -1);
+        if (r < 0) {
+            failed = 1;
+        } else if (r == 0) {  /* idle: give the pages back until bytes come */
+            if (!up.left)
+                madvise(up.record, span, MADV_DONTNEED);
+            if (!down.plain_left && down.start == down.end) {
+                down.start = down.end = 0;
+                madvise(down.buf, span, MADV_DONTNEED);
+            }
+            resident = 0;
+        }
+    }
+    if (why)
+        say("a flow's records from the gateway: %s (the flow is reset)", why);
+    unmap_buffers(buffers, 2);
+    end_flow(app, f->fd, failed);
 }
 
 /* ---- one redirected TCP connection, or one DNS-over-TCP connection ----------------- */
@@ -468,35 +762,64 @@ struct job {
     uint8_t query[];
 };
 
+/* Where a redirected connection was going, as the request carries it. IPv4 listeners are all
+ * there is today; an IPv6 one would give its destination the same way (IP6T_SO_ORIGINAL_DST). */
+static int original_destination(int fd, uint8_t address[16], uint16_t *port)
+{
+    struct sockaddr_in6 dest = {0};  /* room for either family */
+    socklen_t len = sizeof dest;
+    int family = AF_INET;
+    socklen_t family_len = sizeof family;
+    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &family_len);
+    /* IP6T_SO_ORIGINAL_DST has SO_ORIGINAL_DST's number, 80, at the IPv6 level. */
+    if (getsockopt(fd, family == AF_INET6 ? SOL_IPV6 : SOL_IP, SO_ORIGINAL_DST, &dest, &len) < 0)
+        return -1;
+    if (dest.sin6_family == AF_INET6) {
+        memcpy(address, &dest.sin6_addr, 16);
+    } else {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&dest;
+        ipv4_mapped(v4->sin_addr, address);
+    }
+    *port = ntohs(dest.sin6_port);  /* at the same place in both */
+    return 0;
+}
+
 static void relay_tcp(struct job *j)
 {
-    struct sockaddr_in dest = {0};
-    socklen_t len = sizeof dest;
-    if (j->verb == 'C' && getsockopt(j->fd, SOL_IP, SO_ORIGINAL_DST, &dest, &len) < 0) {
+    uint8_t address[16] = {0};
+    uint16_t port = 0;
+    if (j->verb == 'C' && original_destination(j->fd, address, &port) < 0) {
         reset_close(j->fd);
         return;
     }
     int status = -1;
     const char *why = "";
-    int out = open_flow(j->verb, dest.sin_addr, dest.sin_port, &status, &why);
-    if (out < 0) {
-        char ip[INET_ADDRSTRLEN];
+    struct flow flow;
+    if (open_flow(j->verb, address, port, &flow, &status, &why) < 0) {
+        char ip[INET6_ADDRSTRLEN];
+        int v4 = IN6_IS_ADDR_V4MAPPED((struct in6_addr *)address);
         if (j->verb == 'D')
             say("DNS over TCP via the relay: %s", why);
         else
-            say("%s:%u via the relay: %s", inet_ntop(AF_INET, &dest.sin_addr, ip, sizeof ip),
-                ntohs(dest.sin_port), why);
+            say("%s:%u via the relay: %s", inet_ntop(v4 ? AF_INET : AF_INET6, v4 ? address + 12 : address, ip, sizeof ip),
+                port, why);
         reset_close(j->fd);  /* the application sees a reset, the nearest thing to "refused" */
         return;
     }
     if (status != STATUS_OK) {
-        close(out);
+        close(flow.fd);
+        flow_end(&flow);
         reset_close(j->fd);
         return;
     }
-    set_linger(out, 1);  /* from here on our death resets the flow at the gateway too */
+    set_linger(flow.fd, 1);  /* from here on our death resets the flow at the gateway too */
     tune(j->fd, 0);
-    pump(j->fd, out, tune(out, 1) ? out : -1);
+    int paced = tune(flow.fd, 1) ? flow.fd : -1;
+    if (flow.mode == 'S')
+        pump_sealed(j->fd, &flow, paced);
+    else
+        pump(j->fd, flow.fd, paced);
+    flow_end(&flow);
 }
 
 /* The largest UDP answer the asker takes: 512, or what its EDNS OPT record says (RFC 6891). */
@@ -571,17 +894,57 @@ static void answer_without_records(struct job *j, size_t question_end, unsigned 
 
 enum { RCODE_SERVFAIL = 2 };
 
+/* The query as a DNS-over-TCP message (its 2-byte length first), one record when sealed. */
+static int send_query(struct flow *f, const struct job *j, uint8_t *record)
+{
+    uint8_t *message = record + RECORD_HEADER;
+    message[0] = (uint8_t)(j->length >> 8);
+    message[1] = (uint8_t)j->length;
+    memcpy(message + 2, j->query, j->length);
+    if (f->mode != 'S')
+        return send_all(f->fd, message, 2u + j->length);
+    long size = record_seal(&f->up, record, 2u + j->length, RECORD_DATA);
+    return size < 0 ? -1 : send_all(f->fd, record, (size_t)size);
+}
+
+/* The gateway's answer, its 2-byte length first, into `answer` (`room` bytes, at least 2 +
+ * 65535) by `deadline`: its size, or -1. */
+static long receive_answer(struct flow *f, uint8_t *answer, size_t room, uint8_t *record, const struct timespec *deadline)
+{
+    size_t have = 0, want = 2;
+    while (have < want) {
+        if (f->mode != 'S') {
+            if (recv_all_by(f->fd, answer + have, want - have, deadline) < 0)
+                return -1;
+            have = want;
+        } else {
+            long body, length;
+            if (recv_all_by(f->fd, record, RECORD_HEADER, deadline) < 0 || (body = record_body_size(record)) < 0
+                || recv_all_by(f->fd, record + RECORD_HEADER, (size_t)body, deadline) < 0
+                || (length = record_open(&f->down, record)) < 0 || record[0] == RECORD_END || have + (size_t)length > room)
+                return -1;
+            memcpy(answer + have, record + RECORD_HEADER, (size_t)length);
+            have += (size_t)length;
+        }
+        if (have >= 2)
+            want = 2 + (size_t)(answer[0] << 8 | answer[1]);
+    }
+    return (long)want;
+}
+
 static void relay_udp_dns(struct job *j)
 {
     size_t question_end, limit = udp_limit(j->query, j->length, &question_end);
     int status = -1;
     const char *why = "";
-    struct in_addr none = {0};
-    int out = open_flow('D', none, 0, &status, &why);
-    if (out < 0 || status != STATUS_OK) {
-        if (out >= 0)
-            close(out);
-        say("DNS via the relay: %s", out < 0 ? why : "the gateway has no resolver that answers");
+    const uint8_t none[16] = {0};
+    struct flow flow;
+    if (open_flow('D', none, 0, &flow, &status, &why) < 0 || status != STATUS_OK) {
+        if (status >= 0) {
+            close(flow.fd);
+            flow_end(&flow);
+        }
+        say("DNS via the relay: %s", status < 0 ? why : "the gateway has no resolver that answers");
         /* SERVFAIL at once: the resolver library moves on instead of waiting for a time-out. */
         answer_without_records(j, question_end, RCODE_SERVFAIL, 0);
         return;
@@ -589,28 +952,28 @@ static void relay_udp_dns(struct job *j)
     struct timespec deadline;
     clock_gettime(CLOCK_MONOTONIC, &deadline);
     deadline.tv_sec += DNS_TIMEOUT_S;
-    set_timeouts(out, DNS_TIMEOUT_S);
-    uint8_t head[2] = {j->length >> 8, j->length & 0xFF}, *answer = NULL;
-    uint16_t n;
-    if (send_all(out, head, 2) < 0 || send_all(out, j->query, j->length) < 0
-        || recv_all_by(out, head, 2, &deadline) < 0)
-        goto failed;
-    n = (uint16_t)(head[0] << 8 | head[1]);
-    if (n < 12 || !(answer = malloc(n)) || recv_all_by(out, answer, n, &deadline) < 0)
-        goto failed;
-    if (n > limit)
+    set_timeouts(flow.fd, DNS_TIMEOUT_S);
+    size_t span = buffer_span();
+    uint8_t *record = map_buffers(2), *answer = record ? record + span : NULL;  /* a record, the answer */
+    long size;
+    if (!record || send_query(&flow, j, record) < 0 || (size = receive_answer(&flow, answer, span, record, &deadline)) < 2 + 12) {
+        answer_without_records(j, question_end, RCODE_SERVFAIL, 0);
+    } else if ((size_t)size - 2 > limit) {
         /* Too big for the asker's buffer: header and question only, with TC set, so it asks
          * again over TCP (our port 53 listener, a DNS stream through the relay). */
-        answer_without_records(j, question_end, answer[3] & 0x0F, 1);
-    else
-        sendto(j->fd, answer, n, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
-    goto done;
-failed:
-    answer_without_records(j, question_end, RCODE_SERVFAIL, 0);
-done:
-    free(answer);
-    close(out);
+        answer_without_records(j, question_end, answer[2 + 3] & 0x0F, 1);
+    } else {
+        sendto(j->fd, answer + 2, (size_t)size - 2, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
+    }
+    unmap_buffers(record, 2);
+    close(flow.fd);
+    flow_end(&flow);
 }
+
+/* Set when a job ends: serve gives the heap's free pages back once things are quiet (a burst
+ * of handshakes leaves free memory the heap would otherwise keep for the job's life). */
+static atomic_int jobs_ended;
+#define TRIM_AFTER_MS 1000
 
 static void *run_job(void *arg)
 {
@@ -620,6 +983,7 @@ static void *run_job(void *arg)
     else
         relay_tcp(j);
     free(j);
+    atomic_store(&jobs_ended, 1);
     return NULL;
 }
 
@@ -643,7 +1007,17 @@ static void accept_one(int listener, char verb)
 {
     int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) {
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+        int err = errno;
+        static long next_line;  /* only serve's thread accepts */
+        if ((err == EMFILE || err == ENFILE) && now_ms() >= next_line) {
+            /* The connection waits in the backlog; say why, but not 20 times a second. */
+            struct rlimit files = {0, 0};
+            getrlimit(RLIMIT_NOFILE, &files);
+            say("new connections wait: %s (at most %llu open files here)", strerror(err),
+                (unsigned long long)files.rlim_cur);
+            next_line = now_ms() + SAY_INTERVAL * 1000L;
+        }
+        if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
             usleep(50 * 1000);  /* breathe, go on */
         return;
     }
@@ -686,11 +1060,14 @@ static void serve(int tcp, int udp, int dns_tcp)
         if (p[i].fd >= 0)
             fcntl(p[i].fd, F_SETFL, fcntl(p[i].fd, F_GETFL) | O_NONBLOCK);
     for (;;) {
-        if (poll(p, 3, -1) < 0) {  /* negative fds are skipped by poll */
+        int r = poll(p, 3, atomic_load(&jobs_ended) ? TRIM_AFTER_MS : -1);  /* negative fds are skipped */
+        if (r < 0) {
             if (errno == EINTR)
                 continue;
             return;
         }
+        if (r == 0 && atomic_exchange(&jobs_ended, 0))
+            malloc_trim(0);
         if (p[0].revents)
             accept_one(tcp, 'C');
         if (p[1].revents)
@@ -712,11 +1089,11 @@ void gateway_in_use(int index)
  * first, and the number that names this worker at the gateway. */
 static int parse_setup(char *msg)
 {
-    char hosts[MAX_RELAYS * 16 + 1], hex[2 * SHA256_SIZE + 1] = "";
+    char hosts[MAX_RELAYS * 16 + 1], hex[2 * RELAY_SECRET + 1] = "";
     unsigned port, worker;
     int rc = -1;
     if (sscanf(msg, "%1024s %u %64s %u", hosts, &port, hex, &worker) != 4 || port == 0 || port > 65535
-        || strlen(hex) != 2 * SHA256_SIZE)
+        || strlen(hex) != 2 * RELAY_SECRET)
         goto out;
     worker_id = worker;
     n_relays = 0;
@@ -728,7 +1105,7 @@ static int parse_setup(char *msg)
     }
     if (!n_relays)
         goto out;
-    for (int i = 0; i < SHA256_SIZE; i++) {
+    for (int i = 0; i < RELAY_SECRET; i++) {
         unsigned byte;
         if (sscanf(hex + 2 * i, "%2x", &byte) != 1)
             goto out;
@@ -762,14 +1139,17 @@ static void *check_relay(void *ctl_copy)
     int ctl = (int)(intptr_t)ctl_copy;
     int status = -1;
     const char *why = "";
-    int probe = open_flow('P', (struct in_addr){0}, 0, &status, &why);
+    const uint8_t none[16] = {0};
+    struct flow probe;
+    int failed = open_flow('P', none, 0, &probe, &status, &why);
     struct sockaddr_in relay = relay_addrs[atomic_load(&relay_in_use)];  /* the one that answered */
     char where[INET_ADDRSTRLEN];
     inet_ntop(AF_INET, &relay.sin_addr, where, sizeof where);
-    if (probe < 0) {
+    if (failed) {
         report(ctl, "NO relay %s:%u: %s", where, ntohs(relay.sin_port), why);
     } else {
-        close(probe);
+        close(probe.fd);
+        flow_end(&probe);
         if (status != STATUS_OK)
             report(ctl, "NO relay %s:%u: status %d", where, ntohs(relay.sin_port), status);
         else
@@ -787,17 +1167,19 @@ static void *stay_present(void *unused)
     for (;;) {
         int status = -1;
         const char *why = "";
-        int fd = open_flow('W', (struct in_addr){0}, 0, &status, &why);
-        if (fd >= 0) {
+        const uint8_t none[16] = {0};
+        struct flow f;
+        if (open_flow('W', none, 0, &f, &status, &why) == 0) {
+            flow_end(&f);  /* nothing is said on it: its end is all we wait for */
             if (status == STATUS_OK) {
-                tune(fd, 1);  /* keepalives: a gateway that vanished is noticed */
+                tune(f.fd, 1);  /* keepalives: a gateway that vanished is noticed */
                 char byte;
                 ssize_t n;
-                do  /* the relay sends nothing; this returns when it ends */
-                    n = recv(fd, &byte, 1, 0);
+                do  /* the relay sends nothing (an END at most); this returns when it ends */
+                    n = recv(f.fd, &byte, 1, 0);
                 while (n > 0 || (n < 0 && errno == EINTR));
             }
-            close(fd);
+            close(f.fd);
         }
         long ms = jittered(PRESENCE_RETRY_MS);  /* after a gateway restart, not all workers at once */
         struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
@@ -834,6 +1216,9 @@ int main(void)
     prctl(PR_SET_NAME, "vpnp-helper");
     struct rlimit no_core = {0, 0};
     setrlimit(RLIMIT_CORE, &no_core);  /* a crash must not write the key to disk */
+    /* One malloc arena: flow threads allocate only in their handshake (libcrypto), and an arena
+     * per thread would keep a burst's memory for the job's whole life. */
+    mallopt(M_ARENA_MAX, 1);
     /* Terminal signals are CMD's business (exec put us in our own process group); SIGTTOU
      * would stop us at the first line written to a terminal CMD owns. */
     signal(SIGINT, SIG_IGN);
@@ -880,7 +1265,7 @@ int main(void)
         }
         explicit_bzero(msg, (size_t)n);  /* both set-up messages carry a secret */
     }
-    explicit_bzero(msg, sizeof msg);
+    /* Each message was wiped after use: wiping all 64 KiB would only make them resident. */
     close(CTL_FD);
     if (listeners[0] >= 0) {
         pthread_t t;
