@@ -27,9 +27,11 @@ from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Sit
 
 BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
-# ours: the defaults (TCP through the relay, the rest through the tunnel); ours-tunnel: --tcp tunnel;
-# ours-relay-only: --tcp relay-only (no tunnel).
-PATHS = ("native", "ours", "ours-tunnel", "ours-relay-only", "prototype")
+# ours: the defaults (TCP through the encrypted relay, the rest through the tunnel); ours-plain: the
+# same with the gateway's --plain-relay opt-out; ours-tunnel: --tcp tunnel; ours-relay-only:
+# --tcp relay-only (no tunnel).
+PATHS = ("native", "ours", "ours-plain", "ours-tunnel", "ours-relay-only", "prototype")
+PLAIN_PORT = "8460"  # the --plain-relay gateway's listen port (its relay: + 1)
 PROTOTYPE_PORT = "8450"
 IPERF_BASE_PORT = 5201
 DATA_PATH_PROCS = {"openconnect", "vpnns", "ocserv-worker", "slirp4netns", "vpnp-helper", "vpnp-gw-relay"}
@@ -49,7 +51,8 @@ class Bench:
         #: paths that run `vpn-provider exec`: name -> (ticket, extra exec options)
         self.exec_paths: dict[str, tuple[Path, list[str]]] = {
             "ours": (ticket, []), "ours-tunnel": (ticket, ["--tcp", "tunnel"]),
-            "ours-relay-only": (ticket, ["--tcp", "relay-only"])}
+            "ours-relay-only": (ticket, ["--tcp", "relay-only"]),
+            "ours-plain": (self.home / "gw-plain" / "ticket.json", [])}
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -62,6 +65,9 @@ class Bench:
         services.start_xrootd(site, docroot)
         self._next_port = IPERF_BASE_PORT
         up = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(self.home / "gw")])
+        assert up.returncode == 0, up.stderr
+        up = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(self.home / "gw-plain"),
+                                        "--listen", f"0.0.0.0:{PLAIN_PORT}", "--plain-relay"])
         assert up.returncode == 0, up.stderr
         self._proto_gw = site.popen_user(site.login, [PY, "-m", "bench.prototype_gateway", str(self.home / "proto"),
                                                       PROTOTYPE_PORT], env={"PYTHONPATH": str(Path(__file__).parent.parent)},
@@ -97,7 +103,8 @@ class Bench:
         if self._proto_gw and self._proto_gw.poll() is None:
             self._proto_gw.terminate()
             self._proto_gw.wait(timeout=15)
-        self.site.run_user(self.site.login, [VP, "gateway", "stop", "--state-dir", str(self.home / "gw")])
+        for state in ("gw", "gw-plain"):
+            self.site.run_user(self.site.login, [VP, "gateway", "stop", "--state-dir", str(self.home / state)])
 
     # -- running a command over a path ---------------------------------------------------------
     def start(self, path: str, argv: list[str], tag: str) -> list[subprocess.Popen]:
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                             for p, v in latency.items()}
                 results["memory"] = bench.memory()
                 results["recovery_s"] = {}
-                for path in bench.exec_paths:
+                for path in ("ours", "ours-tunnel", "ours-relay-only"):  # all on the restarted gateway
                     runs = resilience.recovery_s(bench, path, args.restarts)
                     results["recovery_s"][path] = {"runs": runs, "median": median(runs)}
                     print(f"recovery {path:>15}: {', '.join(f'{r:.2f}' for r in runs)} s", flush=True)
