@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,3 +124,53 @@ def site_env():
     finally:
         site.close()
         os.chmod("/dev/net/tun", prior_mode)
+
+
+def root_helper(site, host, script: str, *args: str) -> subprocess.Popen:
+    """Run a Python ``script`` as root on ``host``; returns once it printed "ready"."""
+    path = site.workdir / f"helper-{secrets.token_hex(4)}.py"
+    path.write_text(script)
+    p = subprocess.Popen(site.as_root(host, [sys.executable, str(path), *args]), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    return p
+
+
+METADATA = "169.254.169.254"  # where a cloud login node's metadata service answers
+
+
+def native_reach(site, host: str, port: int) -> bool:
+    """Whether the login host itself (as root, no policy) connects to host:port."""
+    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=3).close()"
+    return subprocess.run(site.as_root(site.login, [sys.executable, "-c", probe]), capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def metadata_service(site_env):
+    """169.254.169.254 on the internet host, reachable from the login host as a cloud login
+    node's metadata service is: so only the policy stands between a worker and it. Removed
+    afterwards."""
+    from pyroute2 import NetNS
+
+    from vpn_provider.sim.services import _wait_tcp, docroot
+    site = site_env.site
+    (docroot(site) / "hello.txt").write_text("hello\n")
+    with NetNS(site.inet.ns) as ns:
+        link = ns.link_lookup(ifname=f"{site.prefix}i")[0]
+        ours = not ns.get_addr(address=METADATA)
+        if ours:
+            ns.addr("add", index=link, address=METADATA, prefixlen=32)
+    server = None
+    if not native_reach(site, METADATA, 80):
+        server = site.start_service(site.inet, [sys.executable, "-m", "http.server", "80", "--bind", METADATA,
+                                                "--directory", str(docroot(site))], "metadata-policy")
+        _wait_tcp(site, 80, "metadata-policy", server)
+    assert wait_until(lambda: native_reach(site, METADATA, 80), 15, 0.2), \
+        "the login host cannot reach the metadata service: nothing to prove"
+    yield
+    if server:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    if ours:
+        with NetNS(site.inet.ns) as ns:
+            ns.addr("del", index=link, address=METADATA, prefixlen=32)

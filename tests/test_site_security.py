@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import VP, wait_until
+from conftest import VP, root_helper
 
 pytestmark = pytest.mark.site
 
@@ -139,15 +139,6 @@ def gateway_with(site_env, request):
         _stop(site_env, state)
 
 
-def _root_helper(site, host, script: str, *args: str) -> subprocess.Popen:
-    path = site.workdir / f"helper-{secrets.token_hex(4)}.py"
-    path.write_text(script)
-    p = subprocess.Popen(site.as_root(host, [sys.executable, str(path), *args]), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "ready", p.stderr.read()
-    return p
-
-
 def _marker_file(site_env) -> tuple[str, str]:
     """A file on the internet host that repeats a fresh marker; (its URL, the marker)."""
     from vpn_provider.sim.services import docroot
@@ -167,7 +158,7 @@ def test_an_observer_on_the_node_to_login_link_never_sees_the_data_or_the_names(
     site = site_env.site
     url, marker = _marker_file(site_env)
     capture_file = site.workdir / f"capture-{tcp}.bin"
-    capture = _root_helper(site, site.login, CAPTURE, f"{site.prefix}L0", str(capture_file))
+    capture = root_helper(site, site.login, CAPTURE, f"{site.prefix}L0", str(capture_file))
     try:
         done = site_env.exec_("sh", "-c", f"curl -sS -o /dev/null {url} && getent hosts {marker}.sim.test; "
                               f"curl -sS -o /dev/null {url}", ticket=gateway_with / "ticket.json",
@@ -195,7 +186,7 @@ def _mitm_ticket(site_env, state: Path) -> Path:
 def test_a_man_in_the_middle_who_alters_or_cuts_a_stream_gives_the_application_an_error(site_env, gateway_with,
                                                                                           attack, tcp):
     site = site_env.site
-    mitm = _root_helper(site, site.login, MITM, f"{site.login.addr}:{MITM_PORT}", f"{site.login.addr}:{PORT + 1}",
+    mitm = root_helper(site, site.login, MITM, f"{site.login.addr}:{MITM_PORT}", f"{site.login.addr}:{PORT + 1}",
                         attack, str(FLIP_AT))
     out = site.home / "mitm.out"
     try:
@@ -254,25 +245,6 @@ POLICY_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def metadata_service(site_env):
-    """169.254.169.254 on the internet host, reachable from the login host as a cloud login
-    node's metadata service is: so only the policy stands between a worker and it."""
-    from pyroute2 import NetNS
-
-    from vpn_provider.sim.services import _wait_tcp, docroot
-    site = site_env.site
-    (docroot(site) / "hello.txt").write_text("hello\n")
-    with NetNS(site.inet.ns) as ns:
-        ns.addr("add", index=ns.link_lookup(ifname=f"{site.prefix}i")[0], address="169.254.169.254", prefixlen=32)
-    server = site.start_service(site.inet, [sys.executable, "-m", "http.server", "80", "--bind", "169.254.169.254",
-                                            "--directory", str(docroot(site))], "metadata")
-    _wait_tcp(site, 80, "metadata", server)
-    native = site.as_root(site.login, ["curl", "-sS", "-m", "5", "-o", "/dev/null", "http://169.254.169.254/hello.txt"])
-    assert wait_until(lambda: subprocess.run(native, capture_output=True).returncode == 0, 15, 0.2), \
-        "the login host cannot reach the metadata service: the test would prove nothing"
-
-
 @pytest.mark.parametrize("case", list(POLICY_CASES))
 @pytest.mark.parametrize("tcp", ["relay", "relay-only"])
 def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, case, tcp):
@@ -292,3 +264,24 @@ def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, c
     assert done.returncode != 0, f"{url} was reachable"
     assert took < 10, f"a denied connection took {took:.1f} s to fail"
     assert f"to {urlsplit(url).hostname}:" in log and "refused vpnp-" in log, log
+
+
+@pytest.mark.parametrize("gateway_with,encryption,verdict", [
+    (("--deny", "192.0.2.0/24"), "AES-128-GCM", " ok "), (("--plain-relay",), "none (--plain-relay)", " WARN ")],
+    ids=["encrypted-default", "plain-opt-out"], indirect=["gateway_with"])
+def test_status_and_check_show_the_encryption_and_the_policy(site_env, gateway_with, encryption, verdict):
+    site = site_env.site
+    status = site_env.vp(site.login, "gateway", "status", "--state-dir", str(gateway_with), "--json")
+    assert status.returncode == 0, status.stderr
+    relay = json.loads(status.stdout)["relay"]
+    assert relay["encryption"] == encryption
+    assert "never loopback, link-local" in relay["policy"]
+    check = site_env.vp(site_env.node, "check", "--ticket", str(gateway_with / "ticket.json"), "--dns-name",
+                        "www.sim.test", timeout=90)
+    lines = check.stdout.splitlines()
+    relay_line = next(ln for ln in lines if ln.startswith("TCP relay"))
+    assert verdict in relay_line, check.stdout
+    policy_line = next(ln for ln in lines if ln.startswith("destination policy"))
+    assert relay["policy"] in policy_line, check.stdout
+    if encryption == "AES-128-GCM":  # the gateway started with --deny
+        assert "deny 192.0.2.0/24" in relay["policy"]

@@ -116,14 +116,15 @@ def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
 
 def _relay(ticket: Ticket, gateway: Endpoint, timeout: float) -> list[Finding]:
     relay = ticket.relay(gateway)
-    problem, mode = probe((relay.host, relay.port), relay_key(ticket.secret), timeout=min(timeout, 5))
-    if problem:
-        return [Finding(f"TCP relay {relay}", WARN, problem,
+    answer = probe((relay.host, relay.port), relay_key(ticket.secret), timeout=min(timeout, 5))
+    if answer.problem:
+        return [Finding(f"TCP relay {relay}", WARN, answer.problem,
                         f"allow TCP to port {relay.port} of the login node; until then TCP uses the slower tunnel")]
-    if mode is Mode.PLAIN:
+    policy = [Finding("destination policy", OK, answer.policy)] if answer.policy else []
+    if answer.mode is Mode.PLAIN:
         return [Finding(f"TCP relay {relay}", WARN, "answers, but carries flows UNENCRYPTED (the gateway's --plain-relay)",
-                        "start the gateway without --plain-relay unless the site network is trusted")]
-    return [Finding(f"TCP relay {relay}", OK, "answers, knows the ticket's secret, encrypts (AES-128-GCM)")]
+                        "start the gateway without --plain-relay unless the site network is trusted")] + policy
+    return [Finding(f"TCP relay {relay}", OK, "answers, knows the ticket's secret, encrypts (AES-128-GCM)")] + policy
 
 
 _DNS_PROBE = """

@@ -1,41 +1,62 @@
 """The gateway's namespace: a forked child that creates a user+net+mount namespace, waits for
-the egress backend to attach, then execs ocserv as root *of that namespace only*."""
+the egress backend to attach, installs the destination policy for the tunnel
+(forward_policy.py), then execs ocserv as root *of that namespace only*."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .. import linux, proc
 from ..errors import GatewayError
+from ..policy import Policy
+from . import forward_policy
 from .credentials import open_file
+
+log = logging.getLogger(__name__)
 
 #: ocserv.log and the ocserv.log.1 before it each hold at most this much.
 LOG_CAP = 8 << 20
 
 
 class GatewayNamespace:
-    def __init__(self, ocserv_argv: list[str], log_path: str, *, masquerade: bool = False):
+    def __init__(self, ocserv_argv: list[str], log_path: str, *, masquerade: bool = False,
+                 policy: Policy = Policy(), host_addresses: Sequence[str] | None = None,
+                 resolvers: Sequence[str] = (), egress_aliases: Sequence[str] = ()):
+        """``policy``, ``resolvers`` and ``egress_aliases``: see forward_policy.install.
+        ``host_addresses``: the login node's; None lists them at spawn, before the fork."""
         self.ocserv_argv = ocserv_argv
         self.log_path = log_path
         self.masquerade = masquerade
+        self.policy, self.host_addresses = policy, host_addresses
+        self.resolvers, self.egress_aliases = resolvers, egress_aliases
+        self.denial_log: forward_policy.DenialLog | None = None
         self.pid = 0
 
     def spawn(self) -> None:
         """Fork; return once the child is inside its new namespaces."""
+        if self.host_addresses is None:  # here, in the login node's namespace, they can be listed
+            self.host_addresses = forward_policy.login_node_addresses()
         log_fd = open_file(Path(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         log_r, log_w = os.pipe()
         down_r, self._down_w = os.pipe()
         self._up_r, up_w = os.pipe()
+        # The child sends the socket that receives the tunnel's refusals: only a socket opened in
+        # the gateway's network namespace gets them, and we cannot enter it.
+        self._denials_r, denials_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.pid = os.fork()
         if self.pid == 0:
             for fd in (self._down_w, self._up_r, log_r, log_fd):
                 os.close(fd)
-            self._child(down_r, up_w, log_w)
+            self._denials_r.close()
+            self._child(down_r, up_w, log_w, denials_w)
         for fd in (down_r, up_w, log_w):
             os.close(fd)
+        denials_w.close()
         threading.Thread(target=copy_log_capped, args=(log_r, log_fd, Path(self.log_path)), daemon=True,
                          name="ocserv-log").start()
         self._expect(b"ns", "creating the gateway namespace")
@@ -48,6 +69,26 @@ class GatewayNamespace:
         # EOF without a word: the pipe closed on exec, so ocserv runs.
         self._expect(b"", "configuring the gateway namespace", timeout=45.0)
         os.close(self._up_r)
+        self._start_denial_log()
+
+    def _start_denial_log(self) -> None:
+        with self._denials_r as denials_r:
+            denials_r.setblocking(False)  # the child sent it before its exec, or never will
+            try:
+                why, fds, _, _ = socket.recv_fds(denials_r, 512, 1)
+            except BlockingIOError:
+                why, fds = b"", []
+        if not fds:
+            log.warning("refusals in the tunnel are not logged: %s", why.decode(errors="replace") or "no log socket")
+            return
+        os.set_inheritable(fds[0], False)
+        self.denial_log = forward_policy.DenialLog(socket.socket(fileno=fds[0]))
+        self.denial_log.start()
+
+    def denials(self) -> dict[str, int]:
+        """How many refusals in the tunnel were logged, per reason (the kernel logs at most
+        forward_policy.LOG_RATE per second and reason)."""
+        return dict(self.denial_log.counts) if self.denial_log else {}
 
     def _expect(self, want: bytes, step: str, timeout: float = 5.0) -> None:
         got = proc.read_message(self._up_r, timeout)
@@ -58,7 +99,7 @@ class GatewayNamespace:
         if got != want:
             raise GatewayError(f"{step}: the namespace process exited unexpectedly")
 
-    def _child(self, down_r: int, up_w: int, log_w: int) -> None:
+    def _child(self, down_r: int, up_w: int, log_w: int, denials_w: socket.socket) -> None:
         try:
             linux.die_with_parent()
             # uid 0 inside satisfies ocserv's root check. A non-zero gid inside makes ocserv's
@@ -88,6 +129,7 @@ class GatewayNamespace:
             _sysctl(f"net/ipv4/neigh/{egress_if}/proxy_delay", "0")
             if self.masquerade:
                 proc.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", egress_if, "-j", "MASQUERADE"])
+            self._install_policy(denials_w)
             os.dup2(log_w, 1)
             os.dup2(log_w, 2)
             os.set_inheritable(up_w, False)  # EOF on exec tells the parent we got this far
@@ -98,6 +140,19 @@ class GatewayNamespace:
                 os.write(up_w, f"error: {e}".encode()[:250])
             finally:
                 os._exit(1)
+
+    def _install_policy(self, denials_w: socket.socket) -> None:
+        try:
+            forward_policy.install(self.policy, self.host_addresses, resolvers=self.resolvers,
+                                   egress_aliases=self.egress_aliases)
+        except OSError as e:  # no policy, no tunnel: failing open would hand workers everything
+            raise GatewayError(f"cannot install the destination policy (nftables): {e}") from None
+        try:  # a policy without its log still protects: losing the log is only worth a warning
+            with forward_policy.open_denial_log() as denials:
+                socket.send_fds(denials_w, [b"log"], [denials.fileno()])
+        except OSError as e:
+            denials_w.send(str(e).encode()[:500])
+        denials_w.close()
 
 
 def copy_log_capped(pipe_r: int, log_fd: int, path: Path, cap: int = LOG_CAP) -> None:

@@ -19,7 +19,7 @@ from .. import egress, linux, proc
 from ..errors import GatewayError, VPNError
 from ..ticket import Endpoint, Ticket
 from . import ocserv_conf, registry
-from .config import GatewayConfig, host_resolvers
+from .config import SLIRP_NETWORK, GatewayConfig, host_resolvers
 from .credentials import (check_dir, check_existing, check_file, ensure_credentials, open_file, pin_of, read_file,
                           write_file)
 from .namespace import GatewayNamespace
@@ -140,7 +140,9 @@ class Supervisor:
             server_key=creds.server_key, passwd_file=creds.passwd_file, run_dir=cfg.run_dir,
             mtu=cfg.mtu)).encode())
         self.ns = GatewayNamespace([proc.find_tool("ocserv"), "--foreground", "--config", str(conf)],
-                                   str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat)
+                                   str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat,
+                                   policy=cfg.policy, resolvers=dns,
+                                   egress_aliases=(str(SLIRP_NETWORK),) if backend is egress.Slirp4netns else ())
         self.ns.spawn()
         self.egress = backend(cfg.run_dir)
         extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts))

@@ -26,6 +26,9 @@ static __thread char failure_text[200];
 
 static void fetch_algorithms(void)
 {
+    /* No openssl.cnf (its modules and tables cost every helper heap, and a site's config must
+     * not change our cipher) and no error strings: both would only grow the helper. */
+    OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_NO_LOAD_CRYPTO_STRINGS, NULL);
     aes_gcm = EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL);
     hkdf_kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
 }

@@ -6,8 +6,10 @@ by ``vpn_provider.worker.node_helper``); this one only asks the relay whether it
 from __future__ import annotations
 
 import socket
+from typing import NamedTuple
 
 from .protocol import DEST_CONNECT_TIMEOUT, HandshakeError, Mode, Session, Status, Verb, client_handshake
+from .records import RecordError, recv_record
 
 CONNECT_TIMEOUT = 10.0
 
@@ -28,12 +30,24 @@ def open_flow(relay: tuple[str, int], key: bytes, verb: Verb, dest: tuple[str, i
     return status, session, sock
 
 
-def probe(relay: tuple[str, int], key: bytes, timeout: float = CONNECT_TIMEOUT) -> tuple[str, Mode | None]:
-    """('', the gateway's mode) if the relay answers and knows our secret, else (why not, None)."""
+class Probe(NamedTuple):
+    problem: str  # '' if the relay answers and knows our secret
+    mode: Mode | None = None
+    policy: str = ""  # where the gateway lets workers go, as it describes it
+
+
+def probe(relay: tuple[str, int], key: bytes, timeout: float = CONNECT_TIMEOUT) -> Probe:
     where = f"relay {relay[0]}:{relay[1]}"
     try:
         status, session, sock = open_flow(relay, key, Verb.PING, timeout=timeout, answer_timeout=timeout)
-        sock.close()
+        with sock:
+            if status is not Status.OK:
+                return Probe(f"{where}: status {status.name}")
+            sock.settimeout(timeout)
+            try:
+                policy = recv_record(sock, session.opener).decode(errors="replace")
+            except (OSError, RecordError):  # an older gateway says nothing more
+                policy = ""
     except (OSError, HandshakeError) as e:
-        return f"{where}: {e}", None
-    return ("", session.mode) if status is Status.OK else (f"{where}: status {status.name}", None)
+        return Probe(f"{where}: {e}")
+    return Probe("", session.mode, policy)

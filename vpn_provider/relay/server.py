@@ -27,6 +27,7 @@ from .. import linux
 from ..policy import Policy
 from .protocol import (CLIENT_HELLO, DEST_CONNECT_TIMEOUT, FIRST_BYTES_DEADLINE, HANDSHAKE_DEADLINE, MAGIC,
                        HandshakeError, Mode, Request, ServerHandshake, Status, Verb, check_magic, worker_name)
+from .records import MAX_PLAINTEXT
 from .pump import Flow, close_cleanly, reset, reset_on_close, tune
 from .workers import WorkerTable, serve_status
 
@@ -269,6 +270,8 @@ def serve_request(client: socket.socket, peer: tuple, handshake: ServerHandshake
             reset(out)
         return
     if out is None:  # a PING, or a refusal: the status was the whole answer
+        if verb is Verb.PING:  # and for `check`, where this gateway lets workers go
+            _send_quietly(client, handshake.session.sealer.seal(policy.describe().encode()[:MAX_PLAINTEXT]))
         close_cleanly(client)
         return
     tune(client, link=True)
