@@ -267,7 +267,7 @@ def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, c
 
 
 @pytest.mark.parametrize("gateway_with,encryption,verdict", [
-    (("--deny", "192.0.2.0/24"), "AES-128-GCM", " ok "), (("--plain-relay",), "none (--plain-relay)", " WARN ")],
+    (("--deny", "192.0.2.0/24"), "AES-128-GCM", " ok "), (("--plain-relay",), "none (--plain-relay)", " warn ")],
     ids=["encrypted-default", "plain-opt-out"], indirect=["gateway_with"])
 def test_status_and_check_show_the_encryption_and_the_policy(site_env, gateway_with, encryption, verdict):
     site = site_env.site
