@@ -151,7 +151,7 @@ def _udp(query: bytes) -> bytes:
 def _memory_kb(pid: int) -> dict:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         fields = {ln.split()[0].rstrip(":"): int(ln.split()[1]) for ln in f if ln.split()[-1] == "kB"}
-    return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "private_dirty": fields["Private_Dirty"]}
 
 
 def _probe_helper(client_key: bytes, mode: Mode = Mode.SEALED) -> dict:
@@ -457,13 +457,77 @@ def test_native_pump_passes_a_reset_on_as_a_reset(helper_run):
 
 
 def test_native_helper_stays_small(helper_run):
-    """The point of writing it in C: a worker carries it for its whole life. Its own pages after
-    48 flows at once (measured 1.4 MB): about 0.75 MB are libcrypto's (its relocated tables, and
-    the algorithm tables OpenSSL 3 builds on first use), and glibc keeps every thread stack it
-    had for reuse (~12 KiB each). Libraries' code is shared by every helper on the node, so RSS,
-    which counts it whole, says little."""
+    """The point of writing it in C: a worker carries it for its whole life. What it alone
+    holds after 48 flows at once is its dirty pages (measured about 1 MB): the algorithm tables
+    OpenSSL 3 builds on first use, and the thread stacks glibc keeps for reuse (~12 KiB each).
+    Its code (with libcrypto's, linked in) is file pages every helper on the node shares; with
+    one helper alone they count as private and in RSS, so neither says much here."""
     assert helper_run["comm"] == "vpnp-helper"
-    assert helper_run["memory_kb"]["private"] < 2048, helper_run["memory_kb"]
+    assert helper_run["memory_kb"]["private_dirty"] < 2048, helper_run["memory_kb"]
+
+
+def _probe_redirected_flows() -> dict:
+    """Applications' connections to an IPv4 and an IPv6 destination, redirected to the helper's
+    two listeners and carried by the relay to where they were going. The relay and the
+    destinations run in threads in a network namespace of their own (as on the login node), so
+    the worker namespace's redirect never catches the relay's own connections."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+    from vpn_provider import linux
+    from vpn_provider.relay import server
+    from vpn_provider.ticket import Endpoint
+    from vpn_provider.worker.netconfig import route_tcp_to_loopback
+    from vpn_provider.worker.node_helper import NodeHelper
+    from vpn_provider.worker.tunnel import _hand_namespace_to
+    linux.unshare(linux.CLONE_NEWNS)  # relay-only mode mounts a gai.conf, as exec's namespace allows
+    linux.make_mounts_private()
+    route_tcp_to_loopback()
+    relay = socket.create_server(("127.0.0.1", 0))  # made here: the helper must reach it
+    ready = threading.Event()
+
+    def login_node() -> None:
+        linux.unshare(linux.CLONE_NEWNET)  # this thread's namespace, and that of the threads it starts
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            ipr.addr("add", index=lo, address="198.18.10.1", prefixlen=32)
+            ipr.addr("add", index=lo, address="2001:db8:10::1", prefixlen=128, flags=IFA_F_NODAD)  # usable at once
+        for host in ("198.18.10.1", "2001:db8:10::1"):
+            _serve_forever(socket.create_server((host, 80), family=socket.AF_INET6 if ":" in host else socket.AF_INET),
+                           _shout)
+        ready.set()
+        server.serve(relay, KEY)
+    threading.Thread(target=login_node, daemon=True).start()
+    ready.wait(10)
+    helper = NodeHelper(Endpoint("127.0.0.1", relay.getsockname()[1]), KEY)
+    verdict = helper.verdict(10) or _hand_namespace_to(helper, exclude=[], relay_only=True)
+    if verdict:
+        helper.abandon()
+        return {"verdict": verdict}
+    out = {"verdict": ""}
+    for host in ("198.18.10.1", "2001:db8:10::1"):
+        try:
+            with socket.create_connection((host, 80), timeout=10) as s:
+                s.sendall(f"hello {host}".encode())
+                out[host] = _recv_exact(s, len(f"hello {host}")).decode()
+        except (OSError, EOFError) as e:
+            out[host] = repr(e)
+    helper.abandon()
+    return out
+
+
+def _shout(conn: socket.socket) -> None:
+    """The destination: sends back what it got, its greeting in capitals."""
+    with conn:
+        conn.sendall(conn.recv(100).replace(b"hello", b"HELLO"))
+
+
+def test_redirected_ipv4_and_ipv6_connections_reach_their_destinations():
+    out = _in_namespace(_probe_redirected_flows)
+    assert "error" not in out, out["error"]
+    assert out["verdict"] == "", out["verdict"]
+    assert out["198.18.10.1"] == "HELLO 198.18.10.1"
+    assert out["2001:db8:10::1"] == "HELLO 2001:db8:10::1"  # the IPv6 listener, IP6T_SO_ORIGINAL_DST, 16 bytes
 
 
 def test_native_helper_refuses_a_relay_that_does_not_know_the_secret():

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,81 @@ def test_the_namespace_tells_whether_its_tcp_goes_to_the_relay():
     result = _in_namespace(probe)
     assert "error" not in result, result["error"]
     assert result["seen"] == [False, True, False]
+
+
+def original_destination6(sock: socket.socket) -> tuple[str, int]:
+    """IP6T_SO_ORIGINAL_DST (also 80, at the IPv6 level): a struct sockaddr_in6."""
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, 80, 28)
+    port, addr = struct.unpack_from("!H4x16s", raw, 2)
+    return socket.inet_ntop(socket.AF_INET6, addr), port
+
+
+def _probe_ipv6() -> dict:
+    """The worker's IPv6 set-up (tunnel._redirect_ipv6's steps), then where connections go."""
+    from pyroute2 import IPRoute
+    from vpn_provider.worker import netconfig
+    from vpn_provider.worker.redirect import install_redirect
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    # AI_ADDRCONFIG before and after: without an IPv6 address beside ::1, no AAAA is asked for.
+    lookup = lambda: socket.getaddrinfo("::1", 80, socket.AF_INET6, socket.SOCK_STREAM, 0,  # noqa: E731
+                                        socket.AI_ADDRCONFIG) and "found"
+    # A node whose sysctls turn IPv6 off may pass that on to new namespaces: we turn it back on.
+    Path("/proc/sys/net/ipv6/conf/lo/disable_ipv6").write_text("1")
+    seen = {"enabled": netconfig.enable_ipv6({"lo"}), "before": _outcome(lookup)}
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    listener.settimeout(1)
+    ours = ipaddress.IPv6Network(f"{netconfig.RELAY_IPV6_ADDRESS}/128")
+    install_redirect(listener.getsockname()[1], exclude=[ours], dns_stays=False, version=6)
+    netconfig.route_ipv6_tcp_to_loopback("lo")
+    seen["after"] = _outcome(lookup)
+    for host, port in (("2001:db8:10::1", 80), ("2001:db8:10::1", 53), (netconfig.RELAY_IPV6_ADDRESS, 80)):
+        s = socket.socket(socket.AF_INET6)
+        s.settimeout(1)
+        try:
+            s.connect((host, port))
+            conn, _ = listener.accept()
+            seen[f"[{host}]:{port}"] = "[%s]:%d" % original_destination6(conn)
+            s.sendall(b"up")
+            conn.sendall(b"down")
+            seen[f"[{host}]:{port} bytes"] = [conn.recv(2).decode(), s.recv(4).decode()]
+            conn.close()
+        except OSError as e:
+            seen[f"[{host}]:{port}"] = type(e).__name__
+        s.close()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+        seen["udp"] = _outcome(lambda: udp.sendto(b"x", ("2001:db8:10::1", 123)) and "sent")
+    return seen
+
+
+def _outcome(action) -> str:
+    try:
+        return action()
+    except OSError as e:
+        return type(e).__name__
+
+
+def test_outgoing_ipv6_tcp_reaches_the_listener_with_its_destination_and_nothing_else_leaves():
+    seen = _in_namespace(_probe_ipv6)
+    assert "error" not in seen, seen["error"]
+    assert seen["enabled"] is True
+    # glibc's AI_ADDRCONFIG counts no ::1: only the unique-local address lets AAAA records through
+    assert seen["before"] == "gaierror" and seen["after"] == "found"
+    assert seen["[2001:db8:10::1]:80"] == "[2001:db8:10::1]:80"
+    assert seen["[2001:db8:10::1]:80 bytes"] == ["up", "down"]  # a source address that works both ways
+    assert seen["[2001:db8:10::1]:53"] == "[2001:db8:10::1]:53"  # no tunnel for IPv6 DNS to follow
+    assert seen["[fd76:706e:7000::1]:80"] == "ConnectionRefusedError"  # our own address: not redirected
+    assert seen["udp"] == "OSError"  # ENETUNREACH at once, not a datagram into the void
+
+
+def test_removing_the_redirect_removes_both_families():
+    def probe():
+        from vpn_provider.worker.redirect import _has_table, install_redirect, remove_redirect
+        install_redirect(5555, exclude=[])
+        install_redirect(5556, exclude=[], dns_stays=False, version=6)
+        during = [_has_table(4), _has_table(6)]
+        remove_redirect()
+        return {"seen": [*during, _has_table(4), _has_table(6)]}
+    result = _in_namespace(probe)
+    assert "error" not in result, result["error"]
+    assert result["seen"] == [True, True, False, False]

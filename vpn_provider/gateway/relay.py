@@ -23,22 +23,30 @@ class RelayProcess:
 
     def bind(self) -> None:
         """Bind the port here, first thing in start-up, so a busy port is a one-line error from
-        `gateway start` at once, not after ocserv and the egress came up."""
+        `gateway start` at once, not after ocserv and the egress came up. It listens only once
+        the relay runs (start): until then workers' connections are refused at once, where a
+        listening port would leave them in its queue, unanswered, while the gateway comes up."""
         family = socket.AF_INET6 if ":" in self.listen.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((self.listen.host, self.listen.port))
-            listener.listen(1024)
         except OSError as e:
             listener.close()
-            raise GatewayError(f"cannot listen on {self.listen} (TCP relay): {e.strerror}",
-                               "choose --relay-port PORT, or --no-relay") from None
+            raise self._cannot_listen(e) from None
         self._listener = listener
+
+    def _cannot_listen(self, e: OSError) -> GatewayError:
+        return GatewayError(f"cannot listen on {self.listen} (TCP relay): {e.strerror}",
+                            "choose --relay-port PORT, or --no-relay")
 
     def start(self, secret: str, resolvers: tuple[str, ...] = (), *, plain: bool = False,
               policy: Policy = Policy()) -> None:
         """Hand the bound port to the relay server process."""
+        try:
+            self._listener.listen(1024)
+        except OSError as e:
+            raise self._cannot_listen(e) from None
         log = open_file(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         with self._listener as listener:
             try:

@@ -10,9 +10,10 @@
  *   exec -> us   "IP[,IP..] PORT KEYHEX WORKER"  the gateways' relays; the key never in argv
  *   us -> exec   "OK" | "NO <reason>"        after proving the secret to the relay (a PING)
  *   exec -> us   "T" ... + 5 fds             keep the tunnel (tunnel_keeper.c; "UP" | "DOWN" back)
- *   exec -> us   "L" + up to 3 fds           sockets exec made inside the worker's namespace:
- *                  [0] listener for redirected TCP (its SO_ORIGINAL_DST is the destination)
- *                  [1] UDP socket, [2] TCP listener: the namespace's resolver (relay-only mode)
+ *   exec -> us   "L" ROLES + a fd per role   sockets exec made inside the worker's namespace:
+ *                  C  a listener for redirected TCP, on 127.0.0.1 or [::1] (each accepted
+ *                     connection's SO_ORIGINAL_DST or IP6T_SO_ORIGINAL_DST is its destination)
+ *                  U  UDP socket, D  TCP listener: the namespace's resolver (relay-only mode)
  *
  * Then, per connection, a thread connects to the relay, runs the handshake (relay protocol 3,
  * its cryptography in relay_crypto.c) and carries the bytes both ways: as AES-GCM records
@@ -762,8 +763,8 @@ struct job {
     uint8_t query[];
 };
 
-/* Where a redirected connection was going, as the request carries it. IPv4 listeners are all
- * there is today; an IPv6 one would give its destination the same way (IP6T_SO_ORIGINAL_DST). */
+/* Where a redirected connection was going, as the request carries it: from the IPv4 listener
+ * SO_ORIGINAL_DST, from the IPv6 one IP6T_SO_ORIGINAL_DST. */
 static int original_destination(int fd, uint8_t address[16], uint16_t *port)
 {
     struct sockaddr_in6 dest = {0};  /* room for either family */
@@ -801,8 +802,8 @@ static void relay_tcp(struct job *j)
         if (j->verb == 'D')
             say("DNS over TCP via the relay: %s", why);
         else
-            say("%s:%u via the relay: %s", inet_ntop(v4 ? AF_INET : AF_INET6, v4 ? address + 12 : address, ip, sizeof ip),
-                port, why);
+            say(v4 ? "%s:%u via the relay: %s" : "[%s]:%u via the relay: %s",
+                inet_ntop(v4 ? AF_INET : AF_INET6, v4 ? address + 12 : address, ip, sizeof ip), port, why);
         reset_close(j->fd);  /* the application sees a reset, the nearest thing to "refused" */
         return;
     }
@@ -1051,16 +1052,15 @@ static void read_query(int udp)
     start_job(j);
 }
 
-static void serve(int tcp, int udp, int dns_tcp)
+/* `n` sockets from exec, `roles[i]` saying what p[i] is (see the top of this file). */
+static void serve(struct pollfd *p, const char *roles, int n)
 {
-    struct pollfd p[3] = {{tcp, POLLIN, 0}, {udp, POLLIN, 0}, {dns_tcp, POLLIN, 0}};
     /* A connection reset between poll and accept would otherwise block accept, and with it
      * every other flow's start and every DNS query, until the next connection comes. */
-    for (int i = 0; i < 3; i++)
-        if (p[i].fd >= 0)
-            fcntl(p[i].fd, F_SETFL, fcntl(p[i].fd, F_GETFL) | O_NONBLOCK);
+    for (int i = 0; i < n; i++)
+        fcntl(p[i].fd, F_SETFL, fcntl(p[i].fd, F_GETFL) | O_NONBLOCK);
     for (;;) {
-        int r = poll(p, 3, atomic_load(&jobs_ended) ? TRIM_AFTER_MS : -1);  /* negative fds are skipped */
+        int r = poll(p, (nfds_t)n, atomic_load(&jobs_ended) ? TRIM_AFTER_MS : -1);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -1068,12 +1068,14 @@ static void serve(int tcp, int udp, int dns_tcp)
         }
         if (r == 0 && atomic_exchange(&jobs_ended, 0))
             malloc_trim(0);
-        if (p[0].revents)
-            accept_one(tcp, 'C');
-        if (p[1].revents)
-            read_query(udp);
-        if (p[2].revents)
-            accept_one(dns_tcp, 'D');
+        for (int i = 0; i < n; i++) {
+            if (!p[i].revents)
+                continue;
+            if (roles[i] == 'U')
+                read_query(p[i].fd);
+            else
+                accept_one(p[i].fd, roles[i]);  /* 'C' or 'D': the flow's verb */
+        }
     }
 }
 
@@ -1238,7 +1240,9 @@ int main(void)
      * the control socket. "T...": keep the tunnel; otherwise "IP[,IP..] PORT KEYHEX WORKER":
      * the relay. */
     static char msg[65536];
-    int fds[MAX_PASSED_FDS], nfds, keeping = 0, listeners[3] = {-1, -1, -1};
+    int fds[MAX_PASSED_FDS], nfds, keeping = 0, n_served = 0;
+    struct pollfd served[MAX_PASSED_FDS];
+    char roles[MAX_PASSED_FDS];
     ssize_t n;
     while ((n = receive(msg, sizeof msg - 1, fds, &nfds)) > 0) {
         msg[n] = 0;
@@ -1248,8 +1252,15 @@ int main(void)
                 return 0;
             }
             keeping = 1;
-        } else if (msg[0] == 'L' && n == 1) {
-            memcpy(listeners, fds, (size_t)(nfds < 3 ? nfds : 3) * sizeof(int));
+        } else if (msg[0] == 'L') {
+            for (int i = 0; i < nfds; i++) {
+                if (i + 1 < n && msg[i + 1] && strchr("CUD", msg[i + 1])) {
+                    served[n_served] = (struct pollfd){fds[i], POLLIN, 0};
+                    roles[n_served++] = msg[i + 1];
+                } else {
+                    close(fds[i]);  /* a role we do not know: nothing of ours */
+                }
+            }
             break;
         } else {
             int rc = parse_setup(msg), ctl = fcntl(CTL_FD, F_DUPFD_CLOEXEC, 0);
@@ -1267,11 +1278,11 @@ int main(void)
     }
     /* Each message was wiped after use: wiping all 64 KiB would only make them resident. */
     close(CTL_FD);
-    if (listeners[0] >= 0) {
+    if (n_served) {
         pthread_t t;
         if (pthread_create(&t, NULL, stay_present, NULL) == 0)
             pthread_detach(t);
-        serve(listeners[0], listeners[1], listeners[2]);
+        serve(served, roles, n_served);
     }
     else if (keeping)
         pthread_exit(NULL);  /* the keeper's thread goes on; the process lives while it does */

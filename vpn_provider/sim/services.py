@@ -8,14 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from .site import DOMAIN, HTTP_NAME, INET_ADDR, XROOTD_NAME, Site
+from .site import DOMAIN, HTTP_NAME, INET_ADDR, INET_ADDR6, IPV6_ONLY_NAME, XROOTD_NAME, Site
 
 XROOTD_PORT = 1094
 
 
 def _wait_tcp(site: Site, port: int, what: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    probe = ("import socket,sys\ns=socket.socket();s.settimeout(0.5)\n"
-             f"sys.exit(s.connect_ex(({INET_ADDR!r},{port})))")
+    """Until ``proc`` listens on ``port`` on both the IPv4 and the IPv6 address."""
+    probe = ("import socket,sys\n"
+             f"for a in ({INET_ADDR!r},{INET_ADDR6!r}):\n"
+             "  s=socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET);s.settimeout(0.5)\n"
+             f"  if s.connect_ex((a,{port})): sys.exit(1)")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -27,10 +30,12 @@ def _wait_tcp(site: Site, port: int, what: str, proc: subprocess.Popen, timeout:
 
 
 def start_dns(site: Site) -> None:
-    """Authoritative for sim.test only; nothing is forwarded anywhere."""
+    """Authoritative for sim.test only; nothing is forwarded anywhere. The service names are
+    dual-stack (A and AAAA), IPV6_ONLY_NAME has an AAAA record alone (its A query: no data)."""
     argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--bind-interfaces", f"--listen-address={INET_ADDR}", f"--local=/{DOMAIN}/",
-            f"--address=/{HTTP_NAME}/{INET_ADDR}", f"--address=/{XROOTD_NAME}/{INET_ADDR}",
+            *(f"--host-record={name},{INET_ADDR},{INET_ADDR6}" for name in (HTTP_NAME, XROOTD_NAME)),
+            f"--host-record={IPV6_ONLY_NAME},{INET_ADDR6}",
             f"--pid-file={site.workdir}/dnsmasq.pid", "--user=nobody", "--group=nogroup",
             f"--log-facility={site.workdir}/dnsmasq-queries.log"]
     p = site.start_service(site.inet, argv, "dnsmasq")
@@ -40,7 +45,8 @@ def start_dns(site: Site) -> None:
 
 
 def start_http(site: Site, docroot: Path, port: int = 80) -> str:
-    p = site.start_service(site.inet, [sys.executable, "-m", "http.server", str(port), "--bind", INET_ADDR,
+    # "::": http.server's dual-stack socket, so the IPv4 and the IPv6 address
+    p = site.start_service(site.inet, [sys.executable, "-m", "http.server", str(port), "--bind", "::",
                                        "--directory", str(docroot)], "http")
     _wait_tcp(site, port, "http", p)
     return f"http://{HTTP_NAME}" + ("" if port == 80 else f":{port}")

@@ -1,10 +1,13 @@
 """A simulated HPC site built from network namespaces (needs root; the product never does).
 
-    internet (DNS, HTTP, XRootD)          198.18.10.1
-        |  upstream bridge                198.18.10.0/24
-    login0 [login1]                       198.18.10.(2+j) up, 198.19.20.(1+j) on the LAN
+    internet (DNS, HTTP, XRootD)          198.18.10.1, 2001:db8:10::1
+        |  upstream bridge                198.18.10.0/24, 2001:db8:10::/64
+    login0 [login1]                       198.18.10.(2+j), 2001:db8:10::(2+j) up, 198.19.20.(1+j) on the LAN
         |  LAN bridge                     198.19.20.0/24
     node0..N (compute, no route out)      198.19.20.(10+i)
+
+IPv6 comes from the documentation prefix (RFC 3849), upstream only: the login hosts reach the
+internet host over IPv6 as well, the nodes have no IPv6 route out (link-local addresses only).
 
 As on a real cluster, the login hosts and the compute nodes share one LAN, so nodes reach
 each other and every login host; only the login hosts route to the internet host. Both bridges
@@ -20,21 +23,26 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from pyroute2 import NetNS, netns
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 INET_ADDR = "198.18.10.1"  # RFC 2544 benchmark space: never routed on a real network
 LOGIN_UP_ADDR = "198.18.10.2"  # login host j: 198.18.10.(2+j)
 LOGIN_DOWN_ADDR = "198.19.20.1"  # login host j: 198.19.20.(1+j)
 NODE_ADDR_BASE = 10  # node i gets 198.19.20.(10+i)
 MAX_LOGINS = NODE_ADDR_BASE - 1  # login LAN addresses must stay below the nodes'
+INET_ADDR6 = "2001:db8:10::1"  # RFC 3849 documentation prefix: never routed anywhere
+LOGIN_UP_ADDR6_BASE = "2001:db8:10::"  # login host j: 2001:db8:10::(2+j)
 DOMAIN = "sim.test"  # RFC 6761: reserved for testing
-HTTP_NAME = f"www.{DOMAIN}"
+HTTP_NAME = f"www.{DOMAIN}"  # dual-stack, as XROOTD_NAME
 XROOTD_NAME = f"xrootd.{DOMAIN}"
+IPV6_ONLY_NAME = f"v6.{DOMAIN}"  # the internet host, by an AAAA record alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +88,13 @@ class Site:
                 for bridge in (lan, upstream):
                     sw.link("add", ifname=bridge, kind="bridge")
                     sw.link("set", index=sw.link_lookup(ifname=bridge)[0], state="up")
-            self._plug(upstream, self.inet, "i", INET_ADDR)
+            self._plug(upstream, self.inet, "i", INET_ADDR, INET_ADDR6)
             for j, login in enumerate(self.logins):
-                self._plug(upstream, login, f"l{j}", f"198.18.10.{2 + j}")
+                self._plug(upstream, login, f"l{j}", f"198.18.10.{2 + j}", f"{LOGIN_UP_ADDR6_BASE}{2 + j:x}")
                 self._plug(lan, login, f"L{j}", login.addr)
                 with NetNS(login.ns) as ns:
                     ns.route("add", dst="0.0.0.0/0", gateway=INET_ADDR)
+                    ns.route("add", dst="::/0", gateway=INET_ADDR6, family=socket.AF_INET6)
             for i, node in enumerate(self.nodes):
                 self._plug(lan, node, f"n{i}", node.addr)
             # /etc/netns/NS/resolv.conf is bind-mounted by `ip netns exec`. Nodes point at the
@@ -108,10 +117,10 @@ class Site:
         pw = pwd.getpwnam(self.user)
         os.chown(self.home, pw.pw_uid, pw.pw_gid)
 
-    def _plug(self, bridge: str, host: Host, name: str, addr: str) -> None:
+    def _plug(self, bridge: str, host: Host, name: str, addr: str, addr6: str | None = None) -> None:
         """Cable ``host`` to ``bridge`` with a veth pair made in the switch namespace (so none
         ever appears in the root namespace): PREFIX+sNAME joins the bridge, PREFIX+NAME moves
-        to ``host`` and gets ``addr``/24."""
+        to ``host`` and gets ``addr``/24 (and ``addr6``/64)."""
         ifname, port = f"{self.prefix}{name}", f"{self.prefix}s{name}"
         with NetNS(self.switch) as sw:
             sw.link("add", ifname=port, kind="veth", peer=ifname)
@@ -121,6 +130,8 @@ class Site:
         with NetNS(host.ns) as ns:
             idx = ns.link_lookup(ifname=ifname)[0]
             ns.addr("add", index=idx, address=addr, prefixlen=24)
+            if addr6:  # without duplicate address detection: usable at once, not in a second
+                ns.addr("add", index=idx, address=addr6, prefixlen=64, flags=IFA_F_NODAD)
             ns.link("set", index=idx, state="up")
 
     def _resolv(self, host: Host, nameserver: str) -> None:

@@ -5,17 +5,26 @@ import ipaddress
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from .. import linux
 from .redirect import redirect_installed
 from .vpnc_env import TunnelParams
 
+RELAY_ONLY_DUMMY_ADDRESS = "192.0.0.8"  # RFC 7600
+# The IPv6 counterpart, in both modes: unique-local (RFC 4193), global ID "vpnp". Never routed.
+RELAY_IPV6_ADDRESS = "fd76:706e:7000::1"
+_IPV6_CONF = Path("/proc/sys/net/ipv6/conf")  # absent: a kernel without IPv6
+# glibc's RFC 3484 precedences (gai.conf(5)), IPv4 raised from 10 to 100: see prefer_ipv4_in_lookups.
+_PREFER_IPV4 = ("precedence ::1/128 50\nprecedence ::/0 40\nprecedence 2002::/16 30\n"
+                "precedence ::/96 20\nprecedence ::ffff:0:0/96 100\n")
+# The routing table (and rule priority) for TCP: IPv4's in relay-only mode, IPv6's in both.
+_TCP_TABLE = 100  # the namespace is ours: no other table to collide with
 # Unix sockets through which glibc would resolve names on the *host's* network, not ours.
 # Only the sockets are masked: /etc/resolv.conf may be a symlink into /run/systemd/resolve.
-RELAY_ONLY_DUMMY_ADDRESS = "192.0.0.8"  # RFC 7600
-_TCP_TABLE = 100  # relay-only: the routing table (and rule priority) for TCP; the namespace is ours
 _HOST_RESOLVER_SOCKETS = ("/run/nscd/socket", "/var/run/nscd/socket",
                           "/run/systemd/resolve/io.systemd.Resolve")
 
@@ -105,6 +114,59 @@ def route_tcp_to_loopback() -> None:
                  family=socket.AF_INET)
 
 
+def enable_ipv6(links: set[str]) -> bool:
+    """IPv6 on ``links`` (lo: ::1), even where the node's sysctls turn it off and new namespaces
+    inherit that (net.core.devconf_inherit_init_net); False if this kernel has no IPv6."""
+    if not _IPV6_CONF.exists():
+        return False
+    for link in links:
+        switch = _IPV6_CONF / link / "disable_ipv6"
+        if switch.read_text().strip() != "0":
+            switch.write_text("0")  # ours to write: we hold CAP_NET_ADMIN in this namespace
+    return True
+
+
+def route_ipv6_tcp_to_loopback(home: str) -> None:
+    """IPv6 destinations are reached through the relay alone, in both modes: the tunnel carries
+    no IPv6. TCP gets a route, by a rule for TCP alone, so that connect() gets as far as the
+    redirect; a ``local`` one, since the kernel turns an ordinary IPv6 route through lo into a
+    reject route. Nothing else gets a route, so UDP and ICMPv6 fail at once ("Network is
+    unreachable").
+
+    Last, the unique-local address goes on ``home``, and with it AAAA records become visible:
+    glibc's AI_ADDRCONFIG asks for them only when an IPv6 address other than ::1 exists. Its
+    home is the tun device when there is one, since XRootD's client counts no address on a
+    loopback device at all (with only an IPv4 one on the tun device it would resolve no AAAA);
+    in relay-only mode it is lo (there is no other link, and XRootD then leaves it to glibc)."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.route("add", dst="::/0", type="local", oif=lo, table=_TCP_TABLE, family=socket.AF_INET6)
+        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
+                 family=socket.AF_INET6)
+        if home != "lo":
+            # The keeper takes the tun device down while the gateway is away; the relay, and
+            # with it IPv6, goes on meanwhile.
+            (_IPV6_CONF / home / "keep_addr_on_down").write_text("1")
+        # No duplicate address detection: a tentative address would be no source for a moment.
+        ipr.addr("add", index=ipr.link_lookup(ifname=home)[0], address=RELAY_IPV6_ADDRESS, prefixlen=128,
+                 flags=IFA_F_NODAD)
+
+
+def prefer_ipv4_in_lookups() -> None:
+    """Relay-only mode: a name with both A and AAAA records gives its IPv4 address first. Without
+    a tunnel, neither family has a route for glibc's UDP probe (RFC 6724 rule 1 cannot choose),
+    so IPv6 would win on precedence, and where the login node has no IPv6 the relay resets the
+    connection the application already saw accepted: it never tries IPv4. (With a tunnel, IPv4
+    has that route and wins by rule 1.) A site's own precedence table is kept; without an
+    /etc/gai.conf to mount over there is nothing to do."""
+    try:
+        text = Path("/etc/gai.conf").read_text()
+    except OSError:
+        return
+    if not any(line.split()[:1] == ["precedence"] for line in text.splitlines()):
+        _bind_mount_text(text + "\n" + _PREFER_IPV4, "/etc/gai.conf")
+
+
 def resolv_conf_text(p: TunnelParams | None) -> str:
     """For the tunnel's pushed resolvers; ``None``: the relay helper's resolver on 127.0.0.1."""
     lines = [f"nameserver {d}" for d in p.dns] if p else ["nameserver 127.0.0.1"]
@@ -116,19 +178,8 @@ def resolv_conf_text(p: TunnelParams | None) -> str:
 
 
 def install_resolv_conf(text: str) -> None:
-    """Bind-mount our resolv.conf over /etc/resolv.conf in this mount namespace.
-
-    The source file is unlinked right after mounting: the mount keeps it alive, and nothing is
-    left on disk when the namespace goes away.
-    """
-    fd, path = tempfile.mkstemp(prefix="vpn-provider-resolv.", suffix=".conf")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(path, 0o644)
-        linux.bind_mount(path, "/etc/resolv.conf")
-    finally:
-        os.unlink(path)
+    """Bind-mount our resolv.conf over /etc/resolv.conf in this mount namespace."""
+    _bind_mount_text(text, "/etc/resolv.conf")
     for sock in _HOST_RESOLVER_SOCKETS:
         if os.path.exists(sock):
             fd, empty = tempfile.mkstemp(prefix="vpn-provider-mask.")
@@ -137,3 +188,17 @@ def install_resolv_conf(text: str) -> None:
                 linux.bind_mount(empty, sock)  # connecting to a regular file fails at once
             finally:
                 os.unlink(empty)
+
+
+def _bind_mount_text(text: str, target: str) -> None:
+    """Bind-mount a file holding ``text`` over ``target`` in this mount namespace. The source is
+    unlinked right after mounting: the mount keeps it alive, and nothing is left on disk when the
+    namespace goes away."""
+    fd, path = tempfile.mkstemp(prefix=f"vpn-provider-{Path(target).stem}.", suffix=".conf")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        linux.bind_mount(path, target)
+    finally:
+        os.unlink(path)

@@ -9,7 +9,9 @@ the gateway are the node's own; then it execs the native binary, which costs the
     exec -> helper   "IP[,IP..] PORT KEYHEX WORKER"   check the relay (answer: "OK" | "NO reason");
                      the other gateways' relays are for when its gateway dies; WORKER: our pid
     exec -> helper   "T" ... + 5 fds           keep the tunnel (answer: "UP" NUL env | "DOWN why")
-    exec -> helper   "L" + up to 3 fds         the namespace's sockets for the relay to serve
+    exec -> helper   "L" ROLES + one fd a role  the namespace's sockets for the relay to serve:
+                     C: a redirect's listener (127.0.0.1, [::1]); U, D: the resolver's UDP
+                     socket and TCP listener (relay-only mode)
 """
 from __future__ import annotations
 
@@ -133,12 +135,15 @@ class NodeHelper:
             return msg[3:]
         return msg[5:].decode(errors="replace") or "the node helper exited"
 
-    def hand_over(self, sockets: list[socket.socket]) -> None:
-        """Give the helper the namespace's sockets (the redirect's listener; in relay-only mode
-        also the resolver's UDP socket and TCP listener); from now on it serves alone.
-        Raises OSError if the helper is gone."""
+    def hand_over(self, redirected: list[socket.socket],
+                  resolver: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Give the helper the namespace's sockets: the redirects' listeners (IPv4, and IPv6 if
+        the namespace has it), in relay-only mode also the resolver's UDP socket and TCP
+        listener; from now on it serves alone. Raises OSError if the helper is gone."""
+        sockets = [*redirected, *(resolver or ())]
+        roles = b"C" * len(redirected) + (b"UD" if resolver else b"")
         try:
-            socket.send_fds(self._ctl, [b"L"], [s.fileno() for s in sockets])
+            socket.send_fds(self._ctl, [b"L" + roles], [s.fileno() for s in sockets])
         finally:
             for s in sockets:
                 s.close()

@@ -261,7 +261,7 @@ def _activate_relay(helper: NodeHelper, params: vpnc_env.TunnelParams, deadline:
 
 
 def _bound(kind: int, address: tuple[str, int]) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, kind)
     try:
         sock.bind(address)
         if kind == socket.SOCK_STREAM:
@@ -285,12 +285,36 @@ def _hand_namespace_to(relay: NodeHelper, *, exclude: list, relay_only: bool) ->
         for sock in sockets:
             sock.close()
         return f"cannot redirect TCP in the namespace: {e}"
+    ipv6 = _redirect_ipv6(relay_only=relay_only)
     try:
-        relay.hand_over(sockets)
+        relay.hand_over([sockets[0], *([ipv6] if ipv6 else [])], resolver=tuple(sockets[1:]) or None)
     except OSError as e:
         remove_redirect()
         return f"{_HELPER_GONE} ({e.strerror or e})"
     return ""
+
+
+def _redirect_ipv6(*, relay_only: bool) -> socket.socket | None:
+    """IPv6 TCP to the relay too, through a listener on [::1] (the tunnel carries no IPv6): the
+    listener, or None if this kernel has no IPv6 or will not do it (then with a warning: IPv4 is
+    unaffected, and without the unique-local address lookups give no AAAA records)."""
+    listener = None
+    home = "lo" if relay_only else TUN_NAME  # of the unique-local address: see netconfig
+    try:
+        if not netconfig.enable_ipv6({"lo", home}):
+            return None
+        listener = _bound(socket.SOCK_STREAM, ("::1", 0))
+        ours = ipaddress.IPv6Network(f"{netconfig.RELAY_IPV6_ADDRESS}/128")
+        install_redirect(listener.getsockname()[1], exclude=[ours], dns_stays=False, version=6)
+        if relay_only:
+            netconfig.prefer_ipv4_in_lookups()
+        netconfig.route_ipv6_tcp_to_loopback(home)  # last: it makes AAAA records visible
+        return listener
+    except Exception as e:  # noqa: BLE001 - NetlinkError, OSError: IPv6 is a bonus, never the job's end
+        if listener:
+            listener.close()
+        log.warning("IPv6 destinations are unreachable: %s", e)
+        return None
 
 
 def _relay_hint(problem: str) -> str:
