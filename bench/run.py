@@ -297,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="about a minute: checks the benchmark works")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--repeats", type=int, default=None, help="runs per figure, median taken (default 3; smoke 1)")
     args = ap.parse_args(argv)
-    args.repeats, args.seconds = (1, 1) if args.smoke else (3, 5)
+    repeats, args.seconds = (1, 1) if args.smoke else (3, 5)
+    args.repeats = args.repeats or repeats
     args.workers = [1, 2] if args.smoke else [1, 2, 4, 8, 16]
     args.file_mb = 50 if args.smoke else 500
     args.latency_runs = 3 if args.smoke else 20

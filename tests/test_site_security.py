@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import VP, root_helper
+from conftest import VP, comm, root_helper, wait_until
 
 pytestmark = pytest.mark.site
 
@@ -285,3 +286,25 @@ def test_status_and_check_show_the_encryption_and_the_policy(site_env, gateway_w
     assert relay["policy"] in policy_line, check.stdout
     if encryption == "AES-128-GCM":  # the gateway started with --deny
         assert "deny 192.0.2.0/24" in relay["policy"]
+
+
+def test_processes_that_hold_the_secret_write_no_core_but_cmd_keeps_the_users_limit(site_env):
+    """exec holds the ticket's secret while it sets up, the helper for the worker's life: neither
+    may dump core. CMD replaces exec and gets back the limit the user set."""
+    site = site_env.site
+    out = site.home / "core-limit.out"
+    worker = site.popen_user(site_env.node, ["sh", "-c", f"ulimit -S -c 1024 && exec {VP} exec --ticket "
+                                             f"{site_env.ticket} -- sh -c 'ulimit -c > {out}; exec sleep 30'"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: out.exists() and out.read_text().strip(), 60), worker.stderr.read() if worker.poll() else ""
+        assert out.read_text().strip() == "1024"
+        helpers = [pid for pid in set(site.user_pids()) - site_env.baseline if comm(pid) == "vpnp-helper"]
+        assert helpers, "no helper"
+        for pid in helpers:
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.M), limits
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+    assert site_env.leftovers() == set()

@@ -143,6 +143,16 @@ def no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def suspend_core_dumps():
+    """No core file until the returned function is called: for `exec`, which holds the ticket's
+    secret while it sets up, then becomes CMD, whose own limit must be the user's. Only the soft
+    limit drops, so it can be put back."""
+    import resource  # noqa: PLC0415
+    saved = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, saved[1]))
+    return lambda: resource.setrlimit(resource.RLIMIT_CORE, saved)
+
+
 def set_process_name(name: str) -> None:
     """What ps, top and /proc/PID/comm show (15 bytes at most)."""
     _check(_libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0), "prctl")

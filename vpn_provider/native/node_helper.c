@@ -641,6 +641,7 @@ static int open_step(struct opening *o, struct record_direction *d, int link, in
             o->end -= o->start;
             o->start = 0;
         }
+        errno = EAGAIN;  /* a full buffer holds a whole record: open it before reading more */
         ssize_t n = o->end < RECORD_MAX ? read(link, o->buf + o->end, RECORD_MAX - o->end) : -1;
         if (n > 0) {
             o->end += (size_t)n;
@@ -674,10 +675,11 @@ static int open_step(struct opening *o, struct record_direction *d, int link, in
                 *why = relay_crypto_error();
                 return -1;
             }
+            /* Read the type before gathering: the plaintext moved down may cover this header. */
+            o->ended = record[0] == RECORD_END;
             if (gathered != record + RECORD_HEADER)
                 memmove(gathered, record + RECORD_HEADER, (size_t)length);
             o->plain_left += (size_t)length;
-            o->ended = record[0] == RECORD_END;
             o->start += RECORD_HEADER + (size_t)body;
             moved = 1;
         }

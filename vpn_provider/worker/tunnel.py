@@ -364,10 +364,12 @@ def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None =
     SIGTERM (0: wait for a gateway forever)."""
     if not shutil.which(argv[0], path=(env or {}).get("PATH")):
         raise TunnelError(f"command not found: {argv[0]}")
+    restore_core_dumps = linux.suspend_core_dumps()  # we hold the secret until CMD replaces us
     tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file, tcp=tcp, reconnect_timeout=reconnect_timeout)
     tunnel.establish(started=started)
     os.environ.update(env or {})  # after establish: the helper must not see CMD's settings
     linux.restore_default_signals()
+    restore_core_dumps()
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
