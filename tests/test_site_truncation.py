@@ -54,7 +54,7 @@ def serve(c):
         pass
     finally:
         c.close()
-listener = socket.create_server(("0.0.0.0", port))
+listener = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)  # as every site service
 while True:
     conn, _ = listener.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()

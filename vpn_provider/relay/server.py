@@ -155,6 +155,8 @@ class HandshakeLoop:
                               e, len(self.pending), threading.active_count())
                 if self.pending:  # free a descriptor for the next try
                     self._drop(next(iter(self.pending.values())), "")
+                else:  # flows hold them all: breathe, or the ready listener would spin us
+                    time.sleep(0.05)
                 return
             reset_on_close(sock)  # if we die from here on, the node sees a reset, never a clean end
             sock.setblocking(False)
