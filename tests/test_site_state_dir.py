@@ -54,32 +54,29 @@ def test_a_planted_state_dir_is_refused_and_nothing_is_written(site_env):
     for name in ("client-secret", "ocpasswd"):
         os.chmod(state / name, 0o644)
     (state / "ocserv.conf").symlink_to(victim)
-    before = snapshot(state, victim)
     pids = set(site.user_pids())
 
-    done = start(site_env, state)
-    assert done.returncode == 1
-    assert done.stderr.splitlines() == [f"vpn-provider: gateway: state dir {state} is writable by group or others "
-                                        f"(mode 0777); chmod go-w {state}, and remove any file in it you did not make"]
-    assert snapshot(state, victim) == before
+    _refused_untouched(site_env, state, victim, f"state dir {state} is writable by group or others (mode 0777); "
+                       f"chmod go-w {state}, and remove any file in it you did not make")
     assert wait_until(lambda: set(site.user_pids()) <= pids, 10)
 
     # The victim follows the advice but keeps the planted files: each is refused in turn.
     os.chmod(state, 0o700)
-    before = snapshot(state, victim)
-    done = start(site_env, state)
-    assert done.returncode == 1
-    assert done.stderr.splitlines() == [f"vpn-provider: gateway: {state / 'ocserv.conf'} is a symlink; "
-                                        f"remove it (rm {state / 'ocserv.conf'})"]
-    assert snapshot(state, victim) == before
+    _refused_untouched(site_env, state, victim, f"{state / 'ocserv.conf'} is a symlink; "
+                       f"remove it (rm {state / 'ocserv.conf'})")
     (state / "ocserv.conf").unlink()
+    _refused_untouched(site_env, state, victim, f"{state / 'client-secret'} belongs to root, not you; "
+                       f"remove it (rm {state / 'client-secret'})")
+    assert wait_until(lambda: set(site.user_pids()) <= pids, 10)
+
+
+def _refused_untouched(site_env, state: Path, victim: Path, why: str) -> None:
+    """`gateway start` fails with exactly one line, ``why``, and changes nothing in ``state`` or ``victim``."""
     before = snapshot(state, victim)
     done = start(site_env, state)
     assert done.returncode == 1
-    assert done.stderr.splitlines() == [f"vpn-provider: gateway: {state / 'client-secret'} belongs to root, not "
-                                        f"you; remove it (rm {state / 'client-secret'})"]
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: {why}"]
     assert snapshot(state, victim) == before
-    assert wait_until(lambda: set(site.user_pids()) <= pids, 10)
 
 
 def test_a_state_dir_of_another_user_is_refused(site_env):

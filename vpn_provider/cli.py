@@ -165,9 +165,7 @@ def _gateway(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         print("gateway stopped")
         return 0
-    workers = gw.workers()
-    from .gateway.status import relay_settings
-    relay = relay_settings(gw.config)
+    workers, relay = gw.status()
     if args.json:
         print(json.dumps({"pid": gw.pid, "relay": relay, "workers": [dataclasses.asdict(w) for w in workers]},
                          indent=2))

@@ -13,7 +13,8 @@ from .errors import TicketError
 TICKET_VERSION = 1
 #: The gateway writes well under 1 KiB; the cap keeps a mistaken path (a log, an image) cheap.
 MAX_TICKET_BYTES = 64 * 1024
-#: Gateway addresses a worker takes: the node helper's limit (worker/node_helper.py MAX_GATEWAYS).
+#: Gateway addresses a worker takes: the node helper's limit (MAX_GATEWAYS in native/tunnel_keeper.c,
+#: MAX_RELAYS in native/node_helper.c).
 MAX_GATEWAYS = 64
 _PIN = re.compile(r"pin-sha256:[A-Za-z0-9+/]{43}=")
 _USER = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -86,9 +86,13 @@ class Gateway:
 
     def workers(self) -> list[status.WorkerStatus]:
         """Every worker connected now, through the tunnel, the relay or both (see status.py)."""
+        return self.status()[0]
+
+    def status(self) -> tuple[list[status.WorkerStatus], dict[str, str]]:
+        """The workers, and the relay's encryption and destination policy (status.snapshot)."""
         if not self.pid:
             raise GatewayError(f"no gateway runs with state dir {self.state_dir}")
-        return status.workers(self.config)
+        return status.snapshot(self.config)
 
     def __enter__(self) -> "Gateway":
         self.start()

@@ -79,19 +79,21 @@ def _relay_report(cfg: GatewayConfig) -> dict:
         return {}
 
 
-def relay_settings(cfg: GatewayConfig) -> dict[str, str]:
-    """How the relay carries flows and where it lets workers go, as it reports them."""
+def snapshot(cfg: GatewayConfig) -> tuple[list[WorkerStatus], dict[str, str]]:
+    """Every worker, and how the relay carries flows and where it lets workers go (as it
+    reports them), from one reading of the relay's status socket."""
     report = _relay_report(cfg)
-    return {k: str(report[k]) for k in ("encryption", "policy") if k in report}
-
-
-def _relay_workers(cfg: GatewayConfig) -> list[dict]:
-    return _relay_report(cfg).get("workers", [])
+    settings = {k: str(report[k]) for k in ("encryption", "policy") if k in report}
+    return _workers(cfg, report.get("workers", [])), settings
 
 
 def workers(cfg: GatewayConfig) -> list[WorkerStatus]:
+    return snapshot(cfg)[0]
+
+
+def _workers(cfg: GatewayConfig, relay_workers: list[dict]) -> list[WorkerStatus]:
     devices = _device_bytes(cfg)
-    relayed = {(w["node"], w["worker"]): w for w in _relay_workers(cfg)}
+    relayed = {(w["node"], w["worker"]): w for w in relay_workers}
     out = []
     for session in _tunnel_sessions(cfg):
         m = _SESSION_NAME.match(session.get("Hostname", ""))

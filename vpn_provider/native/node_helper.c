@@ -598,6 +598,20 @@ struct opening {
     int ended, shut, link_ended;    /* END opened / the application shut / the link's TCP end */
 };
 
+/* Send buf[*at, *at + *left) without blocking, as far as the socket takes it; -1 on an error. */
+static int send_pending(int fd, const uint8_t *buf, size_t *at, size_t *left, int *moved)
+{
+    while (*left) {
+        ssize_t n = send(fd, buf + *at, *left, MSG_NOSIGNAL);
+        if (n < 0)
+            return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        *at += (size_t)n;
+        *left -= (size_t)n;
+        *moved = 1;
+    }
+    return 0;
+}
+
 /* Each step moves what it can without blocking: 1 if anything moved, 0 if not, -1 if the flow
  * must be reset (with *why set if it is the gateway's records that are wrong). */
 static int seal_step(struct sealing *s, struct record_direction *d, int app, int link)
@@ -616,14 +630,10 @@ static int seal_step(struct sealing *s, struct record_direction *d, int app, int
         s->ended = n == 0;
         moved = 1;
     }
-    while (s->left) {
-        ssize_t n = send(link, s->record + s->at, s->left, MSG_NOSIGNAL);
-        if (n < 0)
-            return errno == EAGAIN || errno == EINTR ? moved : -1;
-        s->at += (size_t)n;
-        s->left -= (size_t)n;
-        moved = 1;
-    }
+    if (send_pending(link, s->record, &s->at, &s->left, &moved) < 0)
+        return -1;
+    if (s->left)
+        return moved;
     if (s->ended && !s->shut) {
         if (shutdown(link, SHUT_WR) < 0 && errno != ENOTCONN)
             return -1;
@@ -684,14 +694,10 @@ static int open_step(struct opening *o, struct record_direction *d, int link, in
             moved = 1;
         }
     }
-    while (o->plain_left) {
-        ssize_t n = send(app, o->buf + o->plain_at, o->plain_left, MSG_NOSIGNAL);
-        if (n < 0)
-            return errno == EAGAIN || errno == EINTR ? moved : -1;
-        o->plain_at += (size_t)n;
-        o->plain_left -= (size_t)n;
-        moved = 1;
-    }
+    if (send_pending(app, o->buf, &o->plain_at, &o->plain_left, &moved) < 0)
+        return -1;
+    if (o->plain_left)
+        return moved;
     if (o->ended && !o->shut) {  /* the gateway's END: the application's end of stream */
         if (shutdown(app, SHUT_WR) < 0 && errno != ENOTCONN)
             return -1;

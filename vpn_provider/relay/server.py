@@ -71,10 +71,6 @@ def _connect(dest: tuple[str, int], timeout: float) -> tuple[Status, socket.sock
     return Status.OK, out
 
 
-def open_destination(dest: tuple[str, int]) -> tuple[Status, socket.socket | None]:
-    return _connect(dest, DEST_CONNECT_TIMEOUT)
-
-
 def open_resolver(resolvers: tuple[str, ...]) -> tuple[Status, socket.socket | None]:
     """DNS over TCP to the first of the gateway's own resolvers that answers. Loopback ones are
     fine here: we connect, not the worker, and only ever to port 53."""
@@ -91,7 +87,7 @@ def answer(verb: Verb, dest: tuple[str, int], resolvers: tuple[str, ...]) -> tup
         return Status.OK, None
     if verb is Verb.DNS:
         return open_resolver(resolvers)
-    return open_destination(dest)
+    return _connect(dest, DEST_CONNECT_TIMEOUT)
 
 
 class _Pending:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 from .. import linux
 from ..errors import TunnelError
-from ..ticket import Endpoint
+from ..ticket import MAX_GATEWAYS, Endpoint
 
 _CTL_FD = 3
-MAX_GATEWAYS = 64  # addresses the helper takes: MAX_GATEWAYS in tunnel_keeper.c, MAX_RELAYS in node_helper.c
 BINARY = Path(__file__).resolve().parent.parent / "_node_helper"
 
 
