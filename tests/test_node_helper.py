@@ -726,3 +726,45 @@ def test_a_gateway_of_another_version_is_named_in_one_line(first_bytes):
         check_magic(first_bytes[:13], "gateway")
     assert result["verdict"].endswith(str(python_says.value)), result["verdict"]
     assert "\n" not in result["verdict"]
+
+
+def _probe_relay_that_cuts(cuts: int) -> dict:
+    """The relay check against a relay that resets its first ``cuts`` handshakes after the hello
+    (as a busy relay past its deadline does), then answers as the real one."""
+    from pyroute2 import IPRoute
+    from vpn_provider.relay.pump import reset
+    from vpn_provider.ticket import Endpoint
+    from vpn_provider.worker.node_helper import NodeHelper
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = {"connections": 0}
+
+    def answer(conn: socket.socket) -> None:
+        seen["connections"] += 1
+        if seen["connections"] <= cuts:
+            conn.recv(1024)
+            reset(conn)
+            return
+        with conn:
+            _, handshake = server_handshake(conn, KEY)
+            conn.sendall(handshake.status(Status.OK))
+            conn.recv(1)
+    _serve_forever(listener, answer)
+    helper = NodeHelper(Endpoint("127.0.0.1", listener.getsockname()[1]), KEY)
+    verdict = helper.verdict(20)
+    helper.abandon()
+    return {"verdict": verdict, "connections": seen["connections"]}
+
+
+def test_a_handshake_the_relay_cut_is_tried_again():
+    result = _in_namespace(lambda: _probe_relay_that_cuts(2))
+    assert "error" not in result, result["error"]
+    assert result["verdict"] == "" and result["connections"] >= 3, result
+
+
+def test_a_relay_that_keeps_cutting_handshakes_is_named_in_one_line():
+    result = _in_namespace(lambda: _probe_relay_that_cuts(1000))
+    assert "error" not in result, result["error"]
+    assert "reset" in result["verdict"] and "\n" not in result["verdict"], result
+    assert result["connections"] == 5  # HANDSHAKE_TRIES: then it gives up, within seconds

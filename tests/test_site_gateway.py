@@ -106,6 +106,11 @@ def test_python_api_gateway_context_manager_and_run(site_env):
         with Gateway(cfg) as gw:
             print("ticket", gw.ticket_path, flush=True)
             sys.stdin.readline()   # hold the gateway until the test says so
+            # ocserv drops a session a moment after its openconnect goes: wait, but not forever
+            for _ in range(50):
+                if not gw.workers():
+                    break
+                time.sleep(0.2)
             print("workers", len(gw.workers()), flush=True)
     """)
     holder = site.popen_user(site.login, [str(Path(VP).parent / "python"), "-c", up],

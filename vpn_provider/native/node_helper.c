@@ -267,9 +267,44 @@ static const char *not_our_magic(const uint8_t *magic)
     return why_text;
 }
 
+/* A relay under load (hundreds of workers starting at once, a stranger's flood) may cut a
+ * handshake it could not finish in time; before its answer nothing was done that a second try
+ * could repeat harmfully (at most a destination connect, reset with the first try). */
+#define HANDSHAKE_TRIES 5
+#define HANDSHAKE_RETRY_MS 200     /* then doubled each time, jittered */
+#define CUT_BY_RELAY (-2)
+
+static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, struct flow *f, int *status,
+                          const char **why);
+
 /* Connect to the relay, run the handshake and ask for `verb` to `address` (16 bytes, IPv4 as
  * ::ffff:a.b.c.d) and `port`. 0 with *f set up and *status the relay's answer, or -1 with *why. */
 static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct flow *f, int *status, const char **why)
+{
+    long pause_ms = HANDSHAKE_RETRY_MS;
+    for (int tries = 1;; tries++) {
+        int done = open_flow_once(verb, address, port, f, status, why);
+        if (done != CUT_BY_RELAY)
+            return done;
+        if (tries == HANDSHAKE_TRIES)
+            return -1;
+        long ms = jittered(pause_ms);
+        struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&pause, NULL);
+        pause_ms *= 2;
+    }
+}
+
+/* *why for a failed send or receive; whether the relay reset or closed the connection. */
+static int io_failed(const char **why)
+{
+    *why = strerror(errno);
+    return errno == ECONNRESET || errno == EPIPE;
+}
+
+/* One try of open_flow: CUT_BY_RELAY (with *why) if the relay reset or closed it mid-way. */
+static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, struct flow *f, int *status,
+                          const char **why)
 {
     memset(f, 0, sizeof *f);
     int fd = f->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -292,13 +327,13 @@ static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct
     uint8_t server_hello[SERVER_HELLO], answer[RECORD_HEADER + 1 + RECORD_TAG];
     uint8_t message[RELAY_MAC + RECORD_HEADER + RELAY_REQUEST + RECORD_TAG];  /* our proof, then the request */
     uint8_t *request = message + RELAY_MAC + RECORD_HEADER;
-    int failed = 1;
+    int failed = 1, cut = 0;
     if (handshake_start(&hs) < 0) {
         *why = relay_crypto_error();
         goto out;
     }
     if (send_all(fd, hs.hello, CLIENT_HELLO) < 0 || recv_all(fd, server_hello, RELAY_MAGIC_SIZE) < 0) {
-        *why = strerror(errno);
+        cut = io_failed(why);
         goto out;
     }
     if (memcmp(server_hello, RELAY_MAGIC, RELAY_MAGIC_SIZE) != 0) {
@@ -306,7 +341,7 @@ static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct
         goto out;
     }
     if (recv_all(fd, server_hello + RELAY_MAGIC_SIZE, SERVER_HELLO - RELAY_MAGIC_SIZE) < 0) {
-        *why = strerror(errno);
+        cut = io_failed(why);
         goto out;
     }
     f->mode = (char)server_hello[RELAY_MAGIC_SIZE];
@@ -329,7 +364,7 @@ static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct
         goto out;
     }
     if (send_all(fd, message, sizeof message) < 0 || recv_all(fd, answer, RECORD_HEADER) < 0) {
-        *why = strerror(errno);
+        cut = io_failed(why);
         goto out;
     }
     /* The answer is one DATA record of one byte; anything else is not worth reading on. */
@@ -338,7 +373,7 @@ static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct
         goto out;
     }
     if (recv_all(fd, answer + RECORD_HEADER, 1 + RECORD_TAG) < 0) {
-        *why = strerror(errno);
+        cut = io_failed(why);
         goto out;
     }
     if (record_open(&f->down, answer) < 0) {
@@ -354,7 +389,7 @@ out:
     if (failed) {
         flow_end(f);
         close(fd);
-        return -1;
+        return cut ? CUT_BY_RELAY : -1;
     }
     return 0;
 }

@@ -46,8 +46,11 @@ from .records import SECRET, Opener, RecordError, Sealer, recv_record
 
 PROTOCOL = b"VPNP-RELAY/"
 MAGIC = PROTOCOL + b"3\n"
-HANDSHAKE_DEADLINE = 5.0  # seconds for a whole handshake, not per read: no slow-drip clients
-FIRST_BYTES_DEADLINE = 2.0  # for the client's hello: an idle connection holds nothing for long
+# Seconds for a whole handshake, not per read: no slow-drip client holds a slot for long. Generous,
+# because on a node starting hundreds of workers at once on two cores a client's handshake is
+# measured in seconds (5 s was too short); a flood is held off by the relay's caps, not by these.
+HANDSHAKE_DEADLINE = 30.0
+FIRST_BYTES_DEADLINE = 10.0  # for the client's hello: an idle connection holds a descriptor only so long
 DEST_CONNECT_TIMEOUT = 15.0  # the gateway's connect to a destination; the client waits longer
 NONCE = 16
 PUBLIC = 32  # an X25519 public key

@@ -99,6 +99,11 @@ class _Pending:
         self.buf = bytearray()
         self.handshake: ServerHandshake | None = None
 
+    def said(self, why: str) -> str:
+        """``why`` it ended, or "" for a port probe (a worker choosing its gateway, a health
+        check): closed or reset before a byte, which is no news for the log."""
+        return why if self.buf or self.handshake else ""
+
     def wants(self) -> int:
         if self.handshake is None:
             return CLIENT_HELLO - len(self.buf)
@@ -174,10 +179,10 @@ class HandshakeLoop:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._drop(conn, e.strerror or str(e))
+            self._drop(conn, conn.said(e.strerror or str(e)))
             return
         if not data:
-            self._drop(conn, "closed during the handshake")
+            self._drop(conn, conn.said("closed during the handshake"))
             return
         conn.buf += data
         try:

@@ -14,6 +14,8 @@ each other and every login host; only the login hosts route to the internet host
 live in the site's own "switch" namespace, so the root namespace is never touched. Every
 product process is run as a throwaway unprivileged user created for this site. Names are
 unique per site, and ``close()`` removes namespaces, users and processes even after a failure.
+Each host runs in a CPU control group of its own (cpu_share.py), so that, as on a real site, a
+busy node does not starve the login host.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
+from .cpu_share import CpuShares
 
 INET_ADDR = "198.18.10.1"  # RFC 2544 benchmark space: never routed on a real network
 LOGIN_UP_ADDR = "198.18.10.2"  # login host j: 198.18.10.(2+j)
@@ -73,6 +77,7 @@ class Site:
         self._built_ns: list[str] = []
         self._user_made = False
         self._owner_pid = os.getpid()  # forked children (pyroute2 forks) must never tear down
+        self.cpu = CpuShares(f"vpn-site-{self.id}")
 
     # -- building -------------------------------------------------------------------------
     def build(self) -> "Site":
@@ -81,6 +86,7 @@ class Site:
             for name in (self.switch, self.inet.ns, *(h.ns for h in self.logins), *(h.ns for h in self.nodes)):
                 self._built_ns.append(name)  # before creating: close() must remove a half-made one too
                 netns.create(name)
+                self.cpu.add_host(name)
                 with NetNS(name) as ns:
                     ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             lan, upstream = f"{self.prefix}lan", f"{self.prefix}up"
@@ -141,15 +147,15 @@ class Site:
 
     # -- running things ---------------------------------------------------------------------
     def as_root(self, host: Host, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", host.ns, *argv]
+        return self.cpu.wrap(host.ns, ["ip", "netns", "exec", host.ns, *argv])
 
     def as_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
         """argv that runs ``argv`` on ``host`` as the site's unprivileged user, clean environment."""
         base = {"HOME": str(self.home), "USER": self.user, "LOGNAME": self.user,
                 "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8"}
         base.update(env or {})
-        return ["ip", "netns", "exec", host.ns, "setpriv", f"--reuid={self.user}", f"--regid={self.user}",
-                "--init-groups", "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv]
+        return self.as_root(host, ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
+                                   "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv])
 
     def run_user(self, host: Host, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
@@ -216,6 +222,7 @@ class Site:
                 pass
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         self._built_ns.clear()
+        self.cpu.remove()
         shutil.rmtree(self.workdir, ignore_errors=True)
         # xrootd announces each instance (-n prefix) in /tmp, whatever its adminpath says.
         Path(f"/tmp/xrootd.{self.prefix}.env").unlink(missing_ok=True)
