@@ -1,7 +1,8 @@
 """IPv6 destinations on the simulated site: the internet host has 2001:db8:10::1 as well, an
 IPv6-only name (v6.sim.test) and dual-stack service names; the login host reaches it over IPv6,
-the compute node has no IPv6 route out. A worker reaches it through the relay, in the default
-mode and in relay-only mode (the tunnel carries no IPv6)."""
+the compute node has no IPv6 route out. A worker's IPv6 TCP goes through the relay (default and
+relay-only mode); the rest of its IPv6 through the tunnel, which carries IPv6 since this login
+host has it. With --tcp tunnel, IPv6 TCP fails at once (see netconfig.refuse_ipv6_tcp)."""
 from __future__ import annotations
 
 import re
@@ -15,17 +16,21 @@ from vpn_provider.sim.site import HTTP_NAME, INET_ADDR, INET_ADDR6, IPV6_ONLY_NA
 
 pytestmark = pytest.mark.site
 
-# Other IPv6 traffic has no route: it must fail at once, not vanish.
+# IPv6 that is not TCP: a DNS query over UDP to the internet host. It goes through the tunnel
+# where the gateway offers IPv6 (the login host has it); without a tunnel it has no route and
+# must fail at once, not vanish.
 _UDP6_OUT = ("python3 -c \"import errno, socket, time; t0 = time.monotonic()\n"
-             "try: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', ('2001:db8:10::1', 123)); "
-             "print('udp6=sent')\n"
-             "except OSError as e: print('udp6=%s seconds=%.2f' % (errno.errorcode[e.errno], time.monotonic() - t0))\"")
+             "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(10)\n"
+             "query = bytes.fromhex('beef01000001000000000000') + b'\\x02v6\\x03sim\\x04test\\x00' + bytes.fromhex('001c0001')\n"
+             "try: s.sendto(query, ('2001:db8:10::1', 53)); answer = s.recv(512); "
+             "print('udp6=answered' if answer[:2] == query[:2] and answer[7] else 'udp6=empty')\n"
+             "except OSError as e: print('udp6=%s seconds=%.2f' % (errno.errorcode.get(e.errno, e), time.monotonic() - t0))\"")
 
 
 @pytest.fixture(scope="module", params=["relay", "relay-only"])
 def ipv6_run(request, site_env) -> dict:
     """One worker per mode: lookups, downloads by the IPv6-only name (HTTP, XRootD), the
-    dual-stack name by each family."""
+    dual-stack name by each family, a DNS query over UDP by IPv6."""
     fetched = site_env.site.home / f"v6-{request.param}.bin"
     script = (f"echo v6_lookup; getent ahosts {IPV6_ONLY_NAME}; echo ds_lookup; getent ahosts {HTTP_NAME}; "
               f"curl -sS -f -o {fetched} http://{IPV6_ONLY_NAME}/big.bin && sha256sum {fetched}; rm -f {fetched}; "
@@ -61,8 +66,24 @@ def test_a_dual_stack_name_works_by_both_families_and_prefers_ipv4(ipv6_run):
     assert ipv6_run["ds_any"] == INET_ADDR, ipv6_run
 
 
-def test_other_ipv6_traffic_fails_at_once(ipv6_run, site_env):
-    assert ipv6_run["udp6"] == "ENETUNREACH" and ipv6_run["udp6_seconds"] < 0.5, ipv6_run
+def test_ipv6_that_is_not_tcp_takes_the_tunnel_or_fails_at_once(ipv6_run, site_env):
+    if ipv6_run["mode"] == "relay-only":
+        assert ipv6_run["udp6"] == "ENETUNREACH" and ipv6_run["udp6_seconds"] < 0.5, ipv6_run
+    else:
+        assert ipv6_run["udp6"] == "answered", ipv6_run
+    assert site_env.leftovers() == set()
+
+
+def test_with_tcp_in_the_tunnel_ipv6_tcp_fails_at_once_and_the_rest_goes_through(site_env):
+    script = (f"echo ds=$(curl -sS -f -o /dev/null -w '%{{remote_ip}}' http://{HTTP_NAME}/); "
+              f"t0=$(date +%s); curl -sS -m 20 -o /dev/null http://{IPV6_ONLY_NAME}/; "
+              f"echo curl_v6=$? seconds=$(( $(date +%s) - t0 )); {_UDP6_OUT}")
+    done = site_env.exec_("sh", "-c", script, extra=("--tcp", "tunnel"), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"ds={INET_ADDR}\n" in done.stdout, done.stdout + done.stderr
+    rc, seconds = map(int, re.search(r"curl_v6=(\d+) seconds=(\d+)", done.stdout).groups())
+    assert rc == 7 and seconds <= 3, done.stdout + done.stderr  # refused by the kernel, not a time-out
+    assert "udp6=answered" in done.stdout, done.stdout
     assert site_env.leftovers() == set()
 
 

@@ -159,19 +159,26 @@ def set_process_name(name: str) -> None:
 
 
 def tcp_connections(ds=None) -> tuple:
-    """This network namespace's IPv4 TCP connections (pyroute2 inet_diag_msg, source address in
-    ``idiag_src``), listening sockets left out."""
+    """This network namespace's TCP connections, IPv4 then IPv6 (pyroute2 inet_diag_msg, source
+    address in ``idiag_src``, family in ``idiag_family``), listening sockets left out."""
     from pyroute2 import DiagSocket  # noqa: PLC0415
     from pyroute2.netlink.diag import SS_CONN  # noqa: PLC0415
     if ds is None:
         with DiagSocket() as own:
             own.bind()
             return tcp_connections(own)
-    return ds.get_sock_stats(family=socket.AF_INET, states=SS_CONN)
+    return (*ds.get_sock_stats(family=socket.AF_INET, states=SS_CONN),
+            *ds.get_sock_stats(family=socket.AF_INET6, states=SS_CONN))
+
+
+def _diag_address(family: int, address: str) -> tuple[int, int, int, int]:
+    """An address as sock_diag's four 32-bit words."""
+    packed = socket.inet_pton(family, address).ljust(16, b"\0")
+    return struct.unpack(">4I", packed)
 
 
 def reset_tcp_connections(select) -> int:
-    """Abort this network namespace's IPv4 TCP connections for which ``select(flow)`` is true
+    """Abort this network namespace's TCP connections for which ``select(flow)`` is true
     (``flow``: pyroute2's inet_diag_msg), with sock_diag's SOCK_DESTROY: their owners get
     ECONNABORTED at once. Needs CAP_NET_ADMIN here and a kernel with CONFIG_INET_DIAG_DESTROY
     (an OSError otherwise). Returns how many were aborted."""
@@ -186,11 +193,12 @@ def reset_tcp_connections(select) -> int:
             if not select(flow):
                 continue
             req = inet_diag_req()
-            req["sdiag_family"], req["sdiag_protocol"] = socket.AF_INET, socket.IPPROTO_TCP
+            family = flow["idiag_family"]
+            req["sdiag_family"], req["sdiag_protocol"] = family, socket.IPPROTO_TCP
             req["idiag_states"] = SS_CONN
             req["idiag_sport"], req["idiag_dport"] = flow["idiag_sport"], flow["idiag_dport"]
-            req["idiag_src"] = (struct.unpack(">I", socket.inet_aton(flow["idiag_src"]))[0], 0, 0, 0)
-            req["idiag_dst"] = (struct.unpack(">I", socket.inet_aton(flow["idiag_dst"]))[0], 0, 0, 0)
+            req["idiag_src"] = _diag_address(family, flow["idiag_src"])
+            req["idiag_dst"] = _diag_address(family, flow["idiag_dst"])
             req["idiag_if"], req["idiag_cookie"] = flow["idiag_if"], flow["idiag_cookie"]
             try:
                 tuple(ds.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK))

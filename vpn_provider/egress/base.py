@@ -39,6 +39,10 @@ class Egress(abc.ABC):
     #: True if the backend only carries traffic from the namespace's own address, so client
     #: traffic must be masqueraded; False if proxy ARP is enough (no iptables needed).
     needs_nat: bool = False
+    #: With IPv6 on, the address the namespace puts on its egress link and its router there,
+    #: or None where the backend configures IPv6 itself.
+    ipv6_address: str | None = None
+    ipv6_router: str | None = None
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -50,10 +54,10 @@ class Egress(abc.ABC):
         """(usable, reason when not)."""
 
     @abc.abstractmethod
-    def start(self, *, target_pid: int, forwards: list[Forward]) -> list[str]:
+    def start(self, *, target_pid: int, forwards: list[Forward], ipv6: bool = False) -> list[str]:
         """Attach to ``target_pid``'s namespaces and forward each (protocol, host endpoint) to the
-        same port inside. Return the ``ADDR/PREFIX``es the namespace must add to its egress link
-        for those forwards (often none)."""
+        same port inside; carry IPv6 too if ``ipv6``. Return the ``ADDR/PREFIX``es the namespace
+        must add to its egress link for those forwards (often none)."""
 
     def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
         log.debug("spawn: %s", " ".join(argv))

@@ -34,7 +34,8 @@ class Pasta(Egress):
         m = re.search(r"(20\d\d)[_-](\d\d)", cls.version())
         return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2024, 1)
 
-    def start(self, *, target_pid: int, forwards: list[Forward]) -> list[str]:
+    def start(self, *, target_pid: int, forwards: list[Forward], ipv6: bool = False) -> list[str]:
+        # --config-net copies the host's IPv6 address and default route too, when it has them.
         specs = []
         for proto in ("tcp", "udp"):
             eps = [ep for p, ep in forwards if p == proto]

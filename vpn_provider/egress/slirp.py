@@ -16,6 +16,11 @@ class Slirp4netns(Egress):
     dns_forwarder = "10.0.2.3"  # libslirp answers DNS here with the host's resolvers
     guest_addr = "10.0.2.100"  # what --configure gives the namespace
     first_extra_guest = 101
+    # libslirp's IPv6 network is fd00::/64 with itself at ::2. Its router advertisements would
+    # give the namespace an address, but a namespace that forwards ignores them: set it here.
+    ipv6_network = "fd00::/64"
+    ipv6_address = "fd00::100/64"
+    ipv6_router = "fd00::2"
 
     @classmethod
     def is_supported(cls) -> tuple[bool, str]:
@@ -25,7 +30,7 @@ class Slirp4netns(Egress):
             return False, str(e)
         return True, ""
 
-    def start(self, *, target_pid: int, forwards: list[Forward]) -> list[str]:
+    def start(self, *, target_pid: int, forwards: list[Forward], ipv6: bool = False) -> list[str]:
         api = self.run_dir / "slirp4netns.sock"
         api.unlink(missing_ok=True)
         ready_r, ready_w = os.pipe()
@@ -33,7 +38,7 @@ class Slirp4netns(Egress):
             self.process = self._spawn(
                 [proc.find_tool("slirp4netns"), "--configure", "--mtu=65520",
                  # VPN clients must not reach services bound to the login node's loopback.
-                 "--disable-host-loopback",
+                 "--disable-host-loopback", *(["--enable-ipv6"] if ipv6 else []),
                  f"--api-socket={api}", f"--ready-fd={ready_w}", str(target_pid), "tap0"],
                 pass_fds=(ready_w,))
             os.close(ready_w)
@@ -51,7 +56,7 @@ class Slirp4netns(Egress):
         for proto, endpoint in forwards:
             self._add_hostfwd(api, proto, endpoint, guest_for.get(endpoint, self.guest_addr)
                               if proto == "udp" else self.guest_addr)
-        return [f"{g}/24" for g in guest_for.values() if g != self.guest_addr]
+        return [f"{g}/24" for g in guest_for.values() if g != self.guest_addr] + ([self.ipv6_address] if ipv6 else [])
 
     @staticmethod
     def _add_hostfwd(api_path, proto: str, listen: Endpoint, guest_addr: str) -> None:

@@ -14,6 +14,9 @@ from ..ticket import Endpoint
 DEFAULT_LISTEN = "0.0.0.0:8443"
 # CGNAT space: rarely used inside HPC sites, so it seldom shadows a real destination.
 DEFAULT_POOL = "100.64.0.0/16"
+# Workers' IPv6 addresses in the tunnel, where the login node has IPv6: unique-local (RFC 4193,
+# global ID "vpnp"), masqueraded to the egress' address on the way out, so never seen outside.
+TUNNEL_IPV6_POOL = ipaddress.IPv6Network("fd76:706e:7001::/64")
 # /30 holds ocserv's own address and one worker; a pool wider than /8 would take a large part
 # of the IPv4 Internet away from workers (their routes to it would lead into the pool).
 POOL_PREFIXES = range(8, 31)

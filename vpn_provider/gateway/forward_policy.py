@@ -24,8 +24,8 @@ the namespace, and logs worker (its VPN address) and destination.
 
 Built over netlink with pyroute2, as worker/redirect.py builds its rule: no nft binary is
 needed, and nftables (not iptables) because one ``inet`` table covers IPv4 and IPv6 alike (the
-namespace forwards no IPv6 today; the rules are there if it does) and each refusal can jump to a
-chain that names its reason.
+namespace forwards IPv6 where the login node has it) and each refusal can jump to a chain that
+names its reason.
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ class Ruleset:
 
 
 def install(policy: Policy, host_addresses: Sequence[str] = (), *, resolvers: Sequence[str] = (),
-            egress_aliases: Sequence[str] = ()) -> None:
+            egress_aliases: Sequence[str] = (), masquerade_ipv6: bool = False) -> None:
     """Filter what VPN clients send through this namespace (the gateway's; call it inside).
 
     ``host_addresses``: the login node's own addresses, where ``policy.own_ports`` are refused
@@ -197,6 +197,8 @@ def install(policy: Policy, host_addresses: Sequence[str] = (), *, resolvers: Se
     ``egress_aliases``: networks the egress maps onto the login node itself (slirp4netns'
     10.0.2.0/24: .2 stands for its loopback, .3 for its resolver), refused but for DNS to
     ``resolvers``: what a worker reaches there is not up to the egress' options and version.
+    ``masquerade_ipv6``: clients' IPv6 leaves from the namespace's own address (the egresses
+    answer neighbour solicitations for that one alone; IPv4 has proxy ARP).
     Raises OSError if the kernel refuses any of it.
     """
     rules = Ruleset(policy, host_addresses, resolvers, egress_aliases)
@@ -212,6 +214,11 @@ def install(policy: Policy, host_addresses: Sequence[str] = (), *, resolvers: Se
             nft.chain("add", table=TABLE, name=hook, type="filter", hook=hook, priority=0)
             for body in bodies:
                 _add_rule(nft, hook, body)
+        if masquerade_ipv6:  # what leaves by a device other than a client's
+            nft.chain("add", table=TABLE, name="postrouting", type="nat", hook="postrouting", priority=100)
+            _add_rule(nft, "postrouting", [_meta(_META_NFPROTO), _cmp(_CMP_EQ, bytes([socket.AF_INET6])),
+                                           _meta(_META_OIFTYPE), _cmp(_CMP_NEQ, struct.pack("=H", _ARPHRD_NONE)),
+                                           genex("masq", {})])
     except NetlinkError as e:
         raise OSError(e.code, f"nftables: {os.strerror(e.code)}") from None
     finally:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
 from .. import linux, proc
 from ..errors import GatewayError
 from ..policy import Policy
@@ -26,14 +28,18 @@ LOG_CAP = 8 << 20
 class GatewayNamespace:
     def __init__(self, ocserv_argv: list[str], log_path: str, *, masquerade: bool = False,
                  policy: Policy = Policy(), host_addresses: Sequence[str] | None = None,
-                 resolvers: Sequence[str] = (), egress_aliases: Sequence[str] = ()):
+                 resolvers: Sequence[str] = (), egress_aliases: Sequence[str] = (), ipv6: bool = False,
+                 ipv6_router: str | None = None):
         """``policy``, ``resolvers`` and ``egress_aliases``: see forward_policy.install.
-        ``host_addresses``: the login node's; None lists them at spawn, before the fork."""
+        ``host_addresses``: the login node's; None lists them at spawn, before the fork.
+        ``ipv6``: forward the clients' IPv6 too, masqueraded, by ``ipv6_router`` if the egress
+        does not route it itself."""
         self.ocserv_argv = ocserv_argv
         self.log_path = log_path
         self.masquerade = masquerade
         self.policy, self.host_addresses = policy, host_addresses
         self.resolvers, self.egress_aliases = resolvers, egress_aliases
+        self.ipv6, self.ipv6_router = ipv6, ipv6_router
         self.denial_log: forward_policy.DenialLog | None = None
         self.pid = 0
 
@@ -116,10 +122,17 @@ class GatewayNamespace:
                     os._exit(1)
                 egress_if = _wait_default_route(ipr, timeout=10.0)
                 egress_idx = ipr.link_lookup(ifname=egress_if)[0]
+                if self.ipv6:  # static: a forwarding namespace ignores router advertisements
+                    _sysctl(f"net/ipv6/conf/{egress_if}/accept_ra", "0")
                 for cidr in extra:
                     address, prefixlen = cidr.split("/")
-                    ipr.addr("add", index=egress_idx, address=address, prefixlen=int(prefixlen))
+                    ipr.addr("add", index=egress_idx, address=address, prefixlen=int(prefixlen),
+                             **({"family": socket.AF_INET6, "flags": IFA_F_NODAD} if ":" in address else {}))
+                if self.ipv6 and self.ipv6_router:
+                    ipr.route("add", dst="::/0", gateway=self.ipv6_router, oif=egress_idx, family=socket.AF_INET6)
             _sysctl("net/ipv4/ip_forward", "1")
+            if self.ipv6:
+                _sysctl("net/ipv6/conf/all/forwarding", "1")
             # Answer ARP for client addresses on the egress link, so the egress backend can
             # deliver replies to VPN clients without NAT (no iptables needed).
             _sysctl(f"net/ipv4/conf/{egress_if}/proxy_arp", "1")
@@ -144,7 +157,7 @@ class GatewayNamespace:
     def _install_policy(self, denials_w: socket.socket) -> None:
         try:
             forward_policy.install(self.policy, self.host_addresses, resolvers=self.resolvers,
-                                   egress_aliases=self.egress_aliases)
+                                   egress_aliases=self.egress_aliases, masquerade_ipv6=self.ipv6)
         except OSError as e:  # no policy, no tunnel: failing open would hand workers everything
             raise GatewayError(f"cannot install the destination policy (nftables): {e}") from None
         try:  # a policy without its log still protects: losing the log is only worth a warning

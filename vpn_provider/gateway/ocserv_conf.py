@@ -17,6 +17,7 @@ class OcservSettings:
     run_dir: Path
     mtu: int = 1400
     max_clients: int = 1024
+    pool6: ipaddress.IPv6Network | None = None  # None: the tunnel carries IPv4 alone
 
 
 def render(s: OcservSettings) -> str:
@@ -52,6 +53,8 @@ def render(s: OcservSettings) -> str:
         "predictable-ips = true",
         f"ipv4-network = {s.pool.network_address}",
         f"ipv4-netmask = {s.pool.netmask}",
+        # One address per client: ocserv routes each to its client's device.
+        *([f"ipv6-network = {s.pool6}", "ipv6-subnet-prefix = 128"] if s.pool6 else []),
         *(f"dns = {d}" for d in s.dns),
         "route = default",
         "ping-leases = false",

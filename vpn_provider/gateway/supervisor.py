@@ -19,7 +19,7 @@ from .. import egress, linux, proc
 from ..errors import GatewayError, VPNError
 from ..ticket import Endpoint, Ticket
 from . import ocserv_conf, registry
-from .config import SLIRP_NETWORK, GatewayConfig, host_resolvers
+from .config import SLIRP_NETWORK, TUNNEL_IPV6_POOL, GatewayConfig, host_resolvers
 from .credentials import (check_dir, check_existing, check_file, ensure_credentials, open_file, pin_of, read_file,
                           write_file)
 from .namespace import GatewayNamespace
@@ -55,6 +55,16 @@ def host_addresses() -> list[str]:
         addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
     # One address may sit on several interfaces; a second UDP forward for it could not bind.
     return list(dict.fromkeys(a for a in addrs if a and not a.startswith("127.")))
+
+
+def has_ipv6_route() -> bool:
+    """Whether this host routes IPv6 beyond itself: then the tunnel carries IPv6 as well."""
+    from pyroute2 import IPRoute  # noqa: PLC0415
+    try:
+        with IPRoute() as ipr:
+            return bool(ipr.get_default_routes(family=socket.AF_INET6))
+    except OSError:  # a kernel without IPv6
+        return False
 
 
 def advertised_endpoints(cfg: GatewayConfig, hosts: list[str]) -> tuple[Endpoint, ...]:
@@ -134,18 +144,22 @@ class Supervisor:
             (backend.dns_forwarder,) if backend.dns_forwarder else ())
         if not dns:
             raise GatewayError("no DNS resolver to push to clients", "pass --dns IP[,IP]")
+        ipv6 = has_ipv6_route()
         conf = cfg.state_dir / "ocserv.conf"
         write_file(conf, ocserv_conf.render(ocserv_conf.OcservSettings(
             port=cfg.listen.port, pool=cfg.pool, dns=dns, server_cert=creds.server_cert,
             server_key=creds.server_key, passwd_file=creds.passwd_file, run_dir=cfg.run_dir,
-            mtu=cfg.mtu)).encode())
+            mtu=cfg.mtu, pool6=TUNNEL_IPV6_POOL if ipv6 else None)).encode())
+        aliases = ((str(SLIRP_NETWORK), *([egress.Slirp4netns.ipv6_network] if ipv6 else []))
+                   if backend is egress.Slirp4netns else ())
         self.ns = GatewayNamespace([proc.find_tool("ocserv"), "--foreground", "--config", str(conf)],
                                    str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat,
-                                   policy=cfg.policy, resolvers=dns,
-                                   egress_aliases=(str(SLIRP_NETWORK),) if backend is egress.Slirp4netns else ())
+                                   policy=cfg.policy, resolvers=dns, egress_aliases=aliases,
+                                   ipv6=ipv6, ipv6_router=backend.ipv6_router)
         self.ns.spawn()
         self.egress = backend(cfg.run_dir)
-        extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts))
+        extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts),
+                                  ipv6=ipv6)
         self.ns.release(extra)
         if self.relay:
             # The relay runs in this host's network, so this host's resolvers serve its DNS

@@ -33,7 +33,8 @@ def start_dns(site: Site) -> None:
     """Authoritative for sim.test only; nothing is forwarded anywhere. The service names are
     dual-stack (A and AAAA), IPV6_ONLY_NAME has an AAAA record alone (its A query: no data)."""
     argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-            "--bind-interfaces", f"--listen-address={INET_ADDR}", f"--local=/{DOMAIN}/",
+            "--bind-interfaces", f"--listen-address={INET_ADDR}", f"--listen-address={INET_ADDR6}",
+            f"--local=/{DOMAIN}/",
             *(f"--host-record={name},{INET_ADDR},{INET_ADDR6}" for name in (HTTP_NAME, XROOTD_NAME)),
             f"--host-record={IPV6_ONLY_NAME},{INET_ADDR6}",
             f"--pid-file={site.workdir}/dnsmasq.pid", "--user=nobody", "--group=nogroup",

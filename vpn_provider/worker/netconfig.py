@@ -54,6 +54,33 @@ def configure_links(p: TunnelParams) -> None:
                 ipr.route("replace", dst=str(net), oif=tun)
         else:
             ipr.route("replace", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
+        if p.address6 and not p.split_include and enable_ipv6({p.tundev}):
+            _configure_ipv6(ipr, tun, p.address6)
+
+
+def _configure_ipv6(ipr, tun: int, address6: ipaddress.IPv6Interface) -> None:
+    """The tunnel's IPv6 address, and the default route by it as the source: UDP and ICMPv6
+    (and, with --tcp tunnel, TCP) go through the tunnel. A previous tunnel's address goes
+    (the relay's own, RELAY_IPV6_ADDRESS, stays: relayed connections use it)."""
+    for old in ipr.get_addr(index=tun, family=socket.AF_INET6):
+        address = old.get_attr("IFA_ADDRESS")
+        if old["prefixlen"] == 128 and address not in (str(address6.ip), RELAY_IPV6_ADDRESS):
+            ipr.addr("del", index=tun, address=address, prefixlen=128, family=socket.AF_INET6)
+    ipr.addr("replace", index=tun, address=str(address6.ip), prefixlen=128, flags=IFA_F_NODAD,
+             family=socket.AF_INET6)
+    ipr.route("replace", dst="::/0", oif=tun, prefsrc=str(address6.ip), family=socket.AF_INET6)
+
+
+def refuse_ipv6_tcp() -> None:
+    """--tcp tunnel: IPv6 TCP fails at once ("Network is unreachable") instead of stalling.
+    Through the tunnel it would stall: libslirp sends IPv6 segments larger than a client's
+    device takes, whatever MSS the client offers, the gateway's namespace cannot fragment
+    IPv6, and libslirp ignores the "packet too big" it gets back (measured: a download got
+    its headers, then no byte). The relay carries IPv6 TCP in the other modes."""
+    with IPRoute() as ipr:
+        ipr.route("add", dst="::/0", type="unreachable", table=_TCP_TABLE, family=socket.AF_INET6)
+        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
+                 family=socket.AF_INET6)
 
 
 def _forget_unused_old_addresses(ipr, lo: int) -> None:
@@ -75,8 +102,8 @@ def take_tunnel_down(tundev: str, *, all_tcp: bool) -> int:
     (no CONFIG_INET_DIAG_DESTROY); the device is down by then."""
     with IPRoute() as ipr:
         tun = ipr.link_lookup(ifname=tundev)[0]
-        local = [ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-                 for a in ipr.get_addr(index=tun, family=socket.AF_INET)]
+        local = [ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+                 for a in ipr.get_addr(index=tun) if a.get_attr("IFA_ADDRESS") != RELAY_IPV6_ADDRESS]
         ipr.link("set", index=tun, state="down")
     pools = [iface.network for iface in local]
     addresses = {str(iface.ip) for iface in local}
@@ -85,7 +112,7 @@ def take_tunnel_down(tundev: str, *, all_tcp: bool) -> int:
         if flow["idiag_src"] not in addresses:
             return False
         return all_tcp or flow["idiag_dport"] == 53 or any(
-            ipaddress.IPv4Address(flow["idiag_dst"]) in net for net in pools)
+            ipaddress.ip_address(flow["idiag_dst"]) in net for net in pools)
     return linux.reset_tcp_connections(carried_by_tunnel)
 
 
@@ -127,29 +154,36 @@ def enable_ipv6(links: set[str]) -> bool:
 
 
 def route_ipv6_tcp_to_loopback(home: str) -> None:
-    """IPv6 destinations are reached through the relay alone, in both modes: the tunnel carries
-    no IPv6. TCP gets a route, by a rule for TCP alone, so that connect() gets as far as the
-    redirect; a ``local`` one, since the kernel turns an ordinary IPv6 route through lo into a
-    reject route. Nothing else gets a route, so UDP and ICMPv6 fail at once ("Network is
-    unreachable").
+    """IPv6 TCP is relayed, in both modes: it gets a route, by a rule for TCP alone, so that
+    connect() gets as far as the redirect; a ``local`` one, since the kernel turns an ordinary
+    IPv6 route through lo into a reject route. Everything else takes the tunnel's IPv6 route
+    where the gateway offers IPv6 (configure_links), and otherwise has no route, so UDP and
+    ICMPv6 fail at once ("Network is unreachable").
 
-    Last, the unique-local address goes on ``home``, and with it AAAA records become visible:
+    The unique-local address goes on ``home``, and with it AAAA records become visible:
     glibc's AI_ADDRCONFIG asks for them only when an IPv6 address other than ::1 exists. Its
     home is the tun device when there is one, since XRootD's client counts no address on a
     loopback device at all (with only an IPv4 one on the tun device it would resolve no AAAA);
     in relay-only mode it is lo (there is no other link, and XRootD then leaves it to glibc)."""
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.route("add", dst="::/0", type="local", oif=lo, table=_TCP_TABLE, family=socket.AF_INET6)
-        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
-                 family=socket.AF_INET6)
+        home_index = ipr.link_lookup(ifname=home)[0]
         if home != "lo":
             # The keeper takes the tun device down while the gateway is away; the relay, and
             # with it IPv6, goes on meanwhile.
             (_IPV6_CONF / home / "keep_addr_on_down").write_text("1")
         # No duplicate address detection: a tentative address would be no source for a moment.
-        ipr.addr("add", index=ipr.link_lookup(ifname=home)[0], address=RELAY_IPV6_ADDRESS, prefixlen=128,
-                 flags=IFA_F_NODAD)
+        ipr.addr("add", index=home_index, address=RELAY_IPV6_ADDRESS, prefixlen=128, flags=IFA_F_NODAD)
+        try:
+            # Relayed connections take the unique-local address as their source, never the
+            # tunnel's IPv6 address, which a reconnection may take away under them.
+            ipr.route("add", dst="::/0", type="local", oif=lo, prefsrc=RELAY_IPV6_ADDRESS, table=_TCP_TABLE,
+                      family=socket.AF_INET6)
+            ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
+                     family=socket.AF_INET6)
+        except Exception:
+            ipr.addr("del", index=home_index, address=RELAY_IPV6_ADDRESS, prefixlen=128)  # no AAAA then
+            raise
 
 
 def prefer_ipv4_in_lookups() -> None:

@@ -170,6 +170,8 @@ class Tunnel:
             finally:
                 os.close(log_fd)
             netconfig.configure_links(params)
+            if self.tcp == "tunnel" and params.address6:
+                netconfig.refuse_ipv6_tcp()
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
             if relay_endpoint:
                 _activate_relay(helper, params, deadline)
@@ -257,6 +259,8 @@ def _activate_relay(helper: NodeHelper, params: vpnc_env.TunnelParams, deadline:
             raise TunnelError(problem)  # and the tunnel's keeper with it
     if problem:
         helper.detach()
+        if params.address6:
+            netconfig.refuse_ipv6_tcp()
         log.warning("TCP goes through the tunnel: %s", problem)
 
 
@@ -295,9 +299,9 @@ def _hand_namespace_to(relay: NodeHelper, *, exclude: list, relay_only: bool) ->
 
 
 def _redirect_ipv6(*, relay_only: bool) -> socket.socket | None:
-    """IPv6 TCP to the relay too, through a listener on [::1] (the tunnel carries no IPv6): the
-    listener, or None if this kernel has no IPv6 or will not do it (then with a warning: IPv4 is
-    unaffected, and without the unique-local address lookups give no AAAA records)."""
+    """IPv6 TCP to the relay too, through a listener on [::1] (what else is IPv6 takes the
+    tunnel if the gateway offers IPv6): the listener, or None if this kernel has no IPv6 or will
+    not do it (then with a warning: IPv4 is unaffected)."""
     listener = None
     home = "lo" if relay_only else TUN_NAME  # of the unique-local address: see netconfig
     try:

@@ -14,6 +14,7 @@ class TunnelParams:
     search_domain: str
     split_include: tuple[ipaddress.IPv4Network, ...]  # empty: full tunnel (default route)
     gateway: str
+    address6: ipaddress.IPv6Interface | None = None  # where the gateway's tunnel carries IPv6
 
 
 def _split_networks(env: dict[str, str]) -> tuple[ipaddress.IPv4Network, ...]:
@@ -45,7 +46,17 @@ def parse(env: dict[str, str]) -> TunnelParams:
         search_domain=env.get("CISCO_DEF_DOMAIN", "").strip(),
         split_include=_split_networks(env),
         gateway=env.get("VPNGATEWAY", ""),
+        address6=_address6(env),
     )
+
+
+def _address6(env: dict[str, str]) -> ipaddress.IPv6Interface | None:
+    """INTERNAL_IP6_NETMASK is the address with its prefix; ocserv gives each client a /128."""
+    with_prefix = env.get("INTERNAL_IP6_NETMASK", "").strip()
+    address = env.get("INTERNAL_IP6_ADDRESS", "").strip()
+    if "/" in with_prefix:
+        return ipaddress.IPv6Interface(with_prefix)
+    return ipaddress.IPv6Interface(f"{address}/128") if address else None
 
 
 def parse_nul_separated(blob: bytes) -> dict[str, str]:
