@@ -41,6 +41,16 @@ def test_ocserv_conf_for_user_namespace(tmp_path):
     assert conf["compression"] == "false" and conf["max-same-clients"] == "0"
     assert "run-as-user" not in conf and "chroot-dir" not in conf
     assert conf["ipv4-network"] == "100.64.0.0" and conf["ipv4-netmask"] == "255.255.0.0"
+    assert "ipv6-network" not in conf  # the login node has no IPv6: neither has the tunnel
+
+
+def test_ocserv_conf_with_ipv6_gives_each_client_one_address(tmp_path):
+    text = ocserv_conf.render(ocserv_conf.OcservSettings(
+        port=9443, pool=ipaddress.IPv4Network("100.64.0.0/16"), dns=("198.18.10.1",),
+        server_cert=tmp_path / "s.pem", server_key=tmp_path / "k.pem", passwd_file=tmp_path / "p",
+        run_dir=tmp_path, pool6=ipaddress.IPv6Network("fd76:706e:7001::/64")))
+    conf = dict(ln.split(" = ", 1) for ln in text.splitlines())
+    assert conf["ipv6-network"] == "fd76:706e:7001::/64" and conf["ipv6-subnet-prefix"] == "128"
 
 
 def test_host_resolvers_skips_loopback(tmp_path):

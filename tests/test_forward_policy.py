@@ -252,3 +252,26 @@ def test_allow_rules_end_in_a_refusal_and_port_rules_cover_every_protocol_with_p
     assert len(rules.forward) == baseline + 2 * len(forward_policy.PORT_PROTOCOLS) + 1  # two port ranges
     assert rules.reasons[-1] == "not in any --allow"
     assert len(rules.forward[-1]) == 1  # the final refusal is unconditional: a bare goto
+
+
+def test_ipv4_inside_ipv6_is_refused_by_the_tunnels_policy():
+    """::ffff:169.254.169.254 would leave by the egress' host socket as IPv4, past the IPv4 rules."""
+    rules = forward_policy.Ruleset(Policy(), host_addresses=["198.19.20.1"])
+    assert any("::ffff:0:0/96" in reason for reason in rules.reasons), rules.reasons
+    assert any("::/96" in reason for reason in rules.reasons), rules.reasons
+
+
+def _install_with_ipv6_masquerade() -> dict:
+    linux.unshare(linux.CLONE_NEWNET)
+    forward_policy.install(Policy(), masquerade_ipv6=True)
+    from pyroute2.nftables.main import NFTables
+    with NFTables(nfgen_family=socket.AF_INET6) as nft:
+        tables = [t.get_attr("NFTA_TABLE_NAME") for t in nft.get_tables()]
+    return {"ip6_tables": tables}
+
+
+@pytest.mark.userns
+def test_the_ipv6_masquerade_table_is_accepted_by_this_kernel():
+    result = _in_namespace(_install_with_ipv6_masquerade)
+    assert "error" not in result, result["error"]
+    assert forward_policy.NAT6_TABLE in result["ip6_tables"], result

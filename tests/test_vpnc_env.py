@@ -40,3 +40,11 @@ def test_resolv_conf_has_pushed_servers_and_short_timeouts():
     text = netconfig.resolv_conf_text(vpnc_env.parse(dict(ENV, CISCO_DEF_DOMAIN="sim.test")))
     assert text.splitlines() == ["nameserver 198.18.10.1", "nameserver 198.18.10.2", "search sim.test",
                                  "options timeout:2 attempts:3"]
+
+
+def test_the_tunnels_ipv6_address_comes_with_its_prefix_or_as_a_128():
+    with_prefix = dict(ENV, INTERNAL_IP6_ADDRESS="fd76:706e:7001::5", INTERNAL_IP6_NETMASK="fd76:706e:7001::5/128")
+    assert vpnc_env.parse(with_prefix).address6 == ipaddress.IPv6Interface("fd76:706e:7001::5/128")
+    bare = dict(ENV, INTERNAL_IP6_ADDRESS="fd76:706e:7001::6")
+    assert vpnc_env.parse(bare).address6 == ipaddress.IPv6Interface("fd76:706e:7001::6/128")
+    assert vpnc_env.parse(ENV).address6 is None  # a gateway without IPv6

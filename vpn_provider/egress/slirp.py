@@ -16,8 +16,8 @@ class Slirp4netns(Egress):
     dns_forwarder = "10.0.2.3"  # libslirp answers DNS here with the host's resolvers
     guest_addr = "10.0.2.100"  # what --configure gives the namespace
     first_extra_guest = 101
-    # libslirp's IPv6 network is fd00::/64 with itself at ::2. Its router advertisements would
-    # give the namespace an address, but a namespace that forwards ignores them: set it here.
+    # libslirp's IPv6 network is fd00::/64 with itself at ::2. The namespace takes no router
+    # advertisements (it forwards; see namespace.py): its address and route are set statically.
     ipv6_network = "fd00::/64"
     ipv6_address = "fd00::100/64"
     ipv6_router = "fd00::2"

@@ -47,6 +47,8 @@ from pyroute2.nftables.main import NFTables
 from ..policy import ALWAYS_DENIED, Network, Policy, Rule
 
 TABLE = "vpnp_policy"
+NAT6_TABLE = "vpnp_nat6"  # family ip6, not inet: an inet nat chain needs Linux 5.2, RHEL 8 has 4.18
+IPV4_IN_IPV6 = (ipaddress.ip_network("::ffff:0:0/96"), ipaddress.ip_network("::/96"))  # mapped, compatible
 LOG_GROUP = 1  # NFLOG groups belong to a network namespace: the gateway's has only ours
 LOG_RATE = 20  # log messages per second and reason at most (the supervisor logs fewer still)
 PORT_PROTOCOLS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_SCTP)  # what has ports
@@ -150,6 +152,10 @@ class Ruleset:
         self.forward = [iif_not_tun + verdict(_NF_ACCEPT), oif_tun + verdict(_NF_ACCEPT)]
         for network in ALWAYS_DENIED:
             self._refuse(Rule(network), f"{network} is never reachable through the gateway")
+        # IPv4 dressed as IPv6: the egress' host socket would deliver it as IPv4, past every
+        # IPv4 rule below (the relay unmaps such addresses before its checks instead).
+        for network in IPV4_IN_IPV6:
+            self._refuse(Rule(network), f"{network} (IPv4 inside IPv6) is never reachable through the tunnel")
         for resolver in self.resolvers:
             dns = Rule(ipaddress.ip_network(resolver), ports=((53, 53),))
             self.forward += [m + verdict(_NF_ACCEPT)
@@ -214,13 +220,27 @@ def install(policy: Policy, host_addresses: Sequence[str] = (), *, resolvers: Se
             nft.chain("add", table=TABLE, name=hook, type="filter", hook=hook, priority=0)
             for body in bodies:
                 _add_rule(nft, hook, body)
-        if masquerade_ipv6:  # what leaves by a device other than a client's
-            nft.chain("add", table=TABLE, name="postrouting", type="nat", hook="postrouting", priority=100)
-            _add_rule(nft, "postrouting", [_meta(_META_NFPROTO), _cmp(_CMP_EQ, bytes([socket.AF_INET6])),
-                                           _meta(_META_OIFTYPE), _cmp(_CMP_NEQ, struct.pack("=H", _ARPHRD_NONE)),
-                                           genex("masq", {})])
     except NetlinkError as e:
         raise OSError(e.code, f"nftables: {os.strerror(e.code)}") from None
+    finally:
+        nft.close()
+    if masquerade_ipv6:
+        _masquerade_ipv6()
+
+
+def _masquerade_ipv6() -> None:
+    """What clients send by IPv6 leaves from the namespace's own address (what leaves by a
+    device other than a client's)."""
+    nft = NFTables(nfgen_family=socket.AF_INET6)  # NFPROTO_IPV6
+    try:
+        nft.table("add", name=NAT6_TABLE)
+        nft.chain("add", table=NAT6_TABLE, name="postrouting", type="nat", hook="postrouting", priority=100)
+        nft._command(_RuleMsg, {"add": NFT_MSG_NEWRULE}, "add", {
+            "table": NAT6_TABLE, "chain": "postrouting",
+            "expressions": [_meta(_META_OIFTYPE), _cmp(_CMP_NEQ, struct.pack("=H", _ARPHRD_NONE)),
+                            genex("masq", {})]})
+    except NetlinkError as e:
+        raise OSError(e.code, f"nftables (IPv6 masquerade): {os.strerror(e.code)}") from None
     finally:
         nft.close()
 

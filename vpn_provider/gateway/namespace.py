@@ -113,6 +113,9 @@ class GatewayNamespace:
             linux.enter_user_namespace(inner_uid=0, inner_gid=os.getgid() or 1,
                                        flags=linux.CLONE_NEWNET | linux.CLONE_NEWNS)
             linux.make_mounts_private()
+            if self.ipv6:  # before the egress' link exists: its router advertisements would
+                # race our static route (and a namespace that forwards must not take them anyway)
+                _sysctl("net/ipv6/conf/default/accept_ra", "0")
             from pyroute2 import IPRoute  # noqa: PLC0415 - import after fork, inside the namespace
             with IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -122,14 +125,13 @@ class GatewayNamespace:
                     os._exit(1)
                 egress_if = _wait_default_route(ipr, timeout=10.0)
                 egress_idx = ipr.link_lookup(ifname=egress_if)[0]
-                if self.ipv6:  # static: a forwarding namespace ignores router advertisements
-                    _sysctl(f"net/ipv6/conf/{egress_if}/accept_ra", "0")
                 for cidr in extra:
                     address, prefixlen = cidr.split("/")
                     ipr.addr("add", index=egress_idx, address=address, prefixlen=int(prefixlen),
                              **({"family": socket.AF_INET6, "flags": IFA_F_NODAD} if ":" in address else {}))
                 if self.ipv6 and self.ipv6_router:
-                    ipr.route("add", dst="::/0", gateway=self.ipv6_router, oif=egress_idx, family=socket.AF_INET6)
+                    ipr.route("replace", dst="::/0", gateway=self.ipv6_router, oif=egress_idx,
+                              family=socket.AF_INET6)
             _sysctl("net/ipv4/ip_forward", "1")
             if self.ipv6:
                 _sysctl("net/ipv6/conf/all/forwarding", "1")

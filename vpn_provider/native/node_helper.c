@@ -270,7 +270,8 @@ static const char *not_our_magic(const uint8_t *magic)
 /* A relay under load (hundreds of workers starting at once, a stranger's flood) may cut a
  * handshake it could not finish in time; before its answer nothing was done that a second try
  * could repeat harmfully (at most a destination connect, reset with the first try). */
-#define HANDSHAKE_TRIES 5
+#define HANDSHAKE_TRIES 5          /* pauses 0.2 + 0.4 + 0.8 + 1.6 s, each up to 1.5 times that */
+#define DNS_HANDSHAKE_TRIES 2      /* a lookup's own resolver asks again after 2 s */
 #define HANDSHAKE_RETRY_MS 200     /* then doubled each time, jittered */
 #define CUT_BY_RELAY (-2)
 
@@ -282,11 +283,12 @@ static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, s
 static int open_flow(char verb, const uint8_t address[16], uint16_t port, struct flow *f, int *status, const char **why)
 {
     long pause_ms = HANDSHAKE_RETRY_MS;
+    const int most = verb == 'D' ? DNS_HANDSHAKE_TRIES : HANDSHAKE_TRIES;
     for (int tries = 1;; tries++) {
         int done = open_flow_once(verb, address, port, f, status, why);
         if (done != CUT_BY_RELAY)
             return done;
-        if (tries == HANDSHAKE_TRIES)
+        if (tries == most)
             return -1;
         long ms = jittered(pause_ms);
         struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};

@@ -22,7 +22,7 @@ class CpuShares:
     def __init__(self, site_name: str):
         self.root = CPU_CONTROLLER / site_name
         try:
-            self.root.mkdir()
+            self.root.mkdir(exist_ok=True)
             self.available = True
         except OSError:  # no v1 cpu controller, read-only, or not ours to change
             self.available = False

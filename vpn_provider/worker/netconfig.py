@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import tempfile
@@ -13,6 +14,8 @@ from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from .. import linux
 from .redirect import redirect_installed
 from .vpnc_env import TunnelParams
+
+log = logging.getLogger(__name__)
 
 RELAY_ONLY_DUMMY_ADDRESS = "192.0.0.8"  # RFC 7600
 # The IPv6 counterpart, in both modes: unique-local (RFC 4193), global ID "vpnp". Never routed.
@@ -54,8 +57,12 @@ def configure_links(p: TunnelParams) -> None:
                 ipr.route("replace", dst=str(net), oif=tun)
         else:
             ipr.route("replace", dst="0.0.0.0/0", oif=tun, family=socket.AF_INET)
-        if p.address6 and not p.split_include and enable_ipv6({p.tundev}):
-            _configure_ipv6(ipr, tun, p.address6)
+        if p.address6 and not p.split_include:
+            try:
+                if enable_ipv6({p.tundev}):
+                    _configure_ipv6(ipr, tun, p.address6)
+            except Exception as e:  # noqa: BLE001 - NetlinkError, OSError: IPv4 carries on
+                log.warning("IPv6 through the tunnel is off: %s", e)
 
 
 def _configure_ipv6(ipr, tun: int, address6: ipaddress.IPv6Interface) -> None:
@@ -72,20 +79,33 @@ def _configure_ipv6(ipr, tun: int, address6: ipaddress.IPv6Interface) -> None:
 
 
 def refuse_ipv6_tcp() -> None:
-    """--tcp tunnel: IPv6 TCP fails at once ("Network is unreachable") instead of stalling.
-    Through the tunnel it would stall: libslirp sends IPv6 segments larger than a client's
-    device takes, whatever MSS the client offers, the gateway's namespace cannot fragment
-    IPv6, and libslirp ignores the "packet too big" it gets back (measured: a download got
-    its headers, then no byte). The relay carries IPv6 TCP in the other modes."""
-    with IPRoute() as ipr:
-        ipr.route("add", dst="::/0", type="unreachable", table=_TCP_TABLE, family=socket.AF_INET6)
-        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
-                 family=socket.AF_INET6)
+    """IPv6 TCP that the relay does not carry (--tcp tunnel, a relay that did not answer)
+    fails at once ("Network is unreachable") instead of stalling in the tunnel, now or after a
+    reconnection to a gateway that offers IPv6: libslirp sends IPv6 segments larger than a
+    client's device takes, whatever MSS the client offers, the gateway's namespace cannot
+    fragment IPv6, and libslirp ignores the "packet too big" it gets back (measured: a download
+    got its headers, then no byte). A kernel without IPv6 needs none of this."""
+    try:
+        if not enable_ipv6({"lo"}):
+            return
+        with IPRoute() as ipr:
+            ipr.route("replace", dst="::/0", type="unreachable", table=_TCP_TABLE, family=socket.AF_INET6)
+            if not any(r.get_attr("FRA_TABLE") == _TCP_TABLE for r in ipr.get_rules(family=socket.AF_INET6)):
+                ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
+                         family=socket.AF_INET6)
+    except Exception as e:  # noqa: BLE001 - NetlinkError, OSError
+        log.warning("IPv6 TCP may stall in the tunnel: %s", e)
+
+
+def _unmapped(address: str) -> str:
+    """An IPv4 connection of a dual-stack socket lists its addresses as ::ffff:a.b.c.d."""
+    ip = ipaddress.ip_address(address)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def _forget_unused_old_addresses(ipr, lo: int) -> None:
     """Old tunnel addresses kept on lo (above) go once no TCP connection uses them."""
-    in_use = {flow["idiag_src"] for flow in linux.tcp_connections()}
+    in_use = {_unmapped(flow["idiag_src"]) for flow in linux.tcp_connections()}
     for a in ipr.get_addr(index=lo, family=socket.AF_INET):
         address = a.get_attr("IFA_ADDRESS")
         if a["prefixlen"] == 32 and address not in in_use and address != RELAY_ONLY_DUMMY_ADDRESS \
@@ -109,10 +129,10 @@ def take_tunnel_down(tundev: str, *, all_tcp: bool) -> int:
     addresses = {str(iface.ip) for iface in local}
 
     def carried_by_tunnel(flow) -> bool:
-        if flow["idiag_src"] not in addresses:
+        if _unmapped(flow["idiag_src"]) not in addresses:
             return False
         return all_tcp or flow["idiag_dport"] == 53 or any(
-            ipaddress.ip_address(flow["idiag_dst"]) in net for net in pools)
+            ipaddress.ip_address(_unmapped(flow["idiag_dst"])) in net for net in pools)
     return linux.reset_tcp_connections(carried_by_tunnel)
 
 

@@ -170,7 +170,7 @@ class Tunnel:
             finally:
                 os.close(log_fd)
             netconfig.configure_links(params)
-            if self.tcp == "tunnel" and params.address6:
+            if self.tcp == "tunnel":
                 netconfig.refuse_ipv6_tcp()
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
             if relay_endpoint:
@@ -259,8 +259,7 @@ def _activate_relay(helper: NodeHelper, params: vpnc_env.TunnelParams, deadline:
             raise TunnelError(problem)  # and the tunnel's keeper with it
     if problem:
         helper.detach()
-        if params.address6:
-            netconfig.refuse_ipv6_tcp()
+        netconfig.refuse_ipv6_tcp()
         log.warning("TCP goes through the tunnel: %s", problem)
 
 
@@ -318,6 +317,7 @@ def _redirect_ipv6(*, relay_only: bool) -> socket.socket | None:
         if listener:
             listener.close()
         log.warning("IPv6 destinations are unreachable: %s", e)
+        netconfig.refuse_ipv6_tcp()
         return None
 
 
