@@ -90,6 +90,11 @@ def test_the_destination_policy_holds_in_the_tunnel(site_env, metadata_service, 
         line = f"tunnel: refused {worker} to {first_refused} (tcp): {reason}"
         log = state / "gateway.log"
         assert wait_until(lambda: line in log.read_text(), 5), f"{line!r} not in {log.read_text()}"
+
+        def tunnel_refusals() -> dict:
+            status = site_env.vp(site.login, "gateway", "status", "--state-dir", str(state), "--json")
+            return json.loads(status.stdout)["refused"]["tunnel"]
+        assert wait_until(lambda: tunnel_refusals().get(reason, 0) >= 1, 5), tunnel_refusals()
     finally:
         site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
     assert site_env.leftovers() == set()

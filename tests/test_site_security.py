@@ -266,6 +266,7 @@ def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, c
                               extra=("--tcp", tcp))
         took = time.monotonic() - t0
         log = (state / "relay.log").read_text()
+        status = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(state), "--json")
     finally:
         _stop(site_env, state)
     if reachable:
@@ -274,6 +275,8 @@ def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, c
     assert done.returncode != 0, f"{url} was reachable"
     assert took < 10, f"a denied connection took {took:.1f} s to fail"
     assert f"to {urlsplit(url).hostname}:" in log and "refused vpnp-" in log, log
+    refused = json.loads(status.stdout)["refused"]
+    assert sum(refused["relay"].values()) >= 1, refused  # counted for gateway status too
 
 
 @pytest.mark.parametrize("gateway_with,encryption,verdict", [

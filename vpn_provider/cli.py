@@ -166,13 +166,16 @@ def _gateway(args: argparse.Namespace) -> int:
         print("gateway stopped")
         return 0
     workers, relay = gw.status()
+    refused = relay.pop("refused")
     if args.json:
-        print(json.dumps({"pid": gw.pid, "relay": relay, "workers": [dataclasses.asdict(w) for w in workers]},
-                         indent=2))
+        print(json.dumps({"pid": gw.pid, "relay": relay, "refused": refused,
+                          "workers": [dataclasses.asdict(w) for w in workers]}, indent=2))
         return 0
     print(f"gateway pid {gw.pid}, {len(workers)} worker(s)")
     for name, value in relay.items():
         print(f"relay {name}: {value}")
+    from .gateway.status import describe_refusals
+    print("\n".join(describe_refusals(refused)))
     if workers:
         from .gateway.status import table
         print("\n".join(table(workers)))

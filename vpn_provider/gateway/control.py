@@ -88,8 +88,9 @@ class Gateway:
         """Every worker connected now, through the tunnel, the relay or both (see status.py)."""
         return self.status()[0]
 
-    def status(self) -> tuple[list[status.WorkerStatus], dict[str, str]]:
-        """The workers, and the relay's encryption and destination policy (status.snapshot)."""
+    def status(self) -> tuple[list[status.WorkerStatus], dict]:
+        """The workers, and the relay's encryption and destination policy, and the policy's
+        refusals per reason at the relay and in the tunnel (status.snapshot)."""
         if not self.pid:
             raise GatewayError(f"no gateway runs with state dir {self.state_dir}")
         return status.snapshot(self.config)

@@ -33,10 +33,13 @@ import collections
 import dataclasses
 import errno
 import ipaddress
+import json
 import os
 import socket
 import struct
 import threading
+import time
+from pathlib import Path
 from typing import Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -45,6 +48,7 @@ from pyroute2.nftables.expressions import genex, verdict
 from pyroute2.nftables.main import NFTables
 
 from ..policy import ALWAYS_DENIED, Network, Policy, Rule
+from .credentials import write_file
 
 TABLE = "vpnp_policy"
 NAT6_TABLE = "vpnp_nat6"  # family ip6, not inet: an inet nat chain needs Linux 5.2, RHEL 8 has 4.18
@@ -360,23 +364,47 @@ def _describe(packet: bytes) -> tuple[str, str, str] | None:
 
 class DenialLog(threading.Thread):
     """Logs the refusals from ``open_denial_log``'s socket (a line per 10 s at most, as the
-    relay's refusals) and counts them per reason (``counts``)."""
+    relay's refusals) and counts them per reason (``counts``), which it writes, at most once
+    a second, to ``counts_path`` as JSON for ``gateway status`` (another process)."""
 
-    def __init__(self, sock: socket.socket):
+    WRITE_EVERY = 1.0
+
+    def __init__(self, sock: socket.socket, counts_path: Path | None = None):
         super().__init__(daemon=True, name="tunnel-denials")
         from ..relay.server import QuietLog  # noqa: PLC0415 - the relay's own rate limit
-        self.sock, self.counts = sock, collections.Counter()
+        self.sock, self.counts, self.counts_path = sock, collections.Counter(), counts_path
         self._quiet = QuietLog()
+        self._written = -self.WRITE_EVERY
+        self._unwritten = False
 
     def run(self) -> None:
+        self.sock.settimeout(self.WRITE_EVERY)
+        self._write()  # none yet: status shows 0, not "unknown"
         while True:
             try:
                 data = self.sock.recv(65536)
+            except socket.timeout:
+                data = b""
             except OSError as e:
                 if e.errno == errno.ENOBUFS:  # the kernel dropped some; the rest still count
                     continue
                 return  # the socket was closed: the gateway is going down
             for denial in parse_denials(data):
                 self.counts[denial.reason] += 1
+                self._unwritten = True
                 self._quiet.warning("%s", denial)
+            if self._unwritten and time.monotonic() - self._written >= self.WRITE_EVERY:
+                self._write()
+
+    def _write(self) -> None:
+        if not self.counts_path:
+            return
+        try:
+            scratch = self.counts_path.with_name(self.counts_path.name + ".new")
+            scratch.unlink(missing_ok=True)
+            write_file(scratch, json.dumps(dict(self.counts)).encode())
+            scratch.replace(self.counts_path)
+        except OSError as e:
+            self._quiet.warning("cannot record the tunnel's refusals in %s: %s", self.counts_path, e)
+        self._written, self._unwritten = time.monotonic(), False
 

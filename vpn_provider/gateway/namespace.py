@@ -29,17 +29,19 @@ class GatewayNamespace:
     def __init__(self, ocserv_argv: list[str], log_path: str, *, masquerade: bool = False,
                  policy: Policy = Policy(), host_addresses: Sequence[str] | None = None,
                  resolvers: Sequence[str] = (), egress_aliases: Sequence[str] = (), ipv6: bool = False,
-                 ipv6_router: str | None = None):
+                 ipv6_router: str | None = None, refusals_path: Path | None = None):
         """``policy``, ``resolvers`` and ``egress_aliases``: see forward_policy.install.
         ``host_addresses``: the login node's; None lists them at spawn, before the fork.
         ``ipv6``: forward the clients' IPv6 too, masqueraded, by ``ipv6_router`` if the egress
-        does not route it itself."""
+        does not route it itself. ``refusals_path``: where the tunnel's refusal counts go
+        (forward_policy.DenialLog)."""
         self.ocserv_argv = ocserv_argv
         self.log_path = log_path
         self.masquerade = masquerade
         self.policy, self.host_addresses = policy, host_addresses
         self.resolvers, self.egress_aliases = resolvers, egress_aliases
         self.ipv6, self.ipv6_router = ipv6, ipv6_router
+        self.refusals_path = refusals_path
         self.denial_log: forward_policy.DenialLog | None = None
         self.pid = 0
 
@@ -88,7 +90,7 @@ class GatewayNamespace:
             log.warning("refusals in the tunnel are not logged: %s", why.decode(errors="replace") or "no log socket")
             return
         os.set_inheritable(fds[0], False)
-        self.denial_log = forward_policy.DenialLog(socket.socket(fileno=fds[0]))
+        self.denial_log = forward_policy.DenialLog(socket.socket(fileno=fds[0]), self.refusals_path)
         self.denial_log.start()
 
     def denials(self) -> dict[str, int]:

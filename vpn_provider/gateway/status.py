@@ -22,6 +22,7 @@ from .. import proc
 from .config import GatewayConfig
 
 RELAY_STATUS_SOCKET = "relay-status.sock"
+TUNNEL_REFUSALS = "tunnel-refusals.json"  # in the run dir, written by forward_policy.DenialLog
 _SESSION_NAME = re.compile(r"^(?P<worker>vpnp-\d+)-(?P<reconnections>\d+)$")
 
 
@@ -79,12 +80,38 @@ def _relay_report(cfg: GatewayConfig) -> dict:
         return {}
 
 
-def snapshot(cfg: GatewayConfig) -> tuple[list[WorkerStatus], dict[str, str]]:
+def snapshot(cfg: GatewayConfig) -> tuple[list[WorkerStatus], dict]:
     """Every worker, and how the relay carries flows and where it lets workers go (as it
-    reports them), from one reading of the relay's status socket."""
+    reports them), from one reading of the relay's status socket; and under "refused", how
+    many requests the destination policy refused per reason, at the relay and in the tunnel."""
     report = _relay_report(cfg)
-    settings = {k: str(report[k]) for k in ("encryption", "policy") if k in report}
+    settings: dict = {k: str(report[k]) for k in ("encryption", "policy") if k in report}
+    settings["refused"] = {"relay": _counts(report.get("refused")), "tunnel": _tunnel_refusals(cfg)}
     return _workers(cfg, report.get("workers", [])), settings
+
+
+def _counts(value) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(reason): n for reason, n in value.items() if isinstance(n, int)}
+
+
+def _tunnel_refusals(cfg: GatewayConfig) -> dict[str, int]:
+    try:
+        return _counts(json.loads((cfg.run_dir / TUNNEL_REFUSALS).read_bytes()))
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_refusals(refused: dict[str, dict[str, int]]) -> list[str]:
+    """``gateway status``'s lines for snapshot's "refused"."""
+    lines = []
+    for where in ("relay", "tunnel"):
+        counts = refused.get(where, {})
+        total = sum(counts.values())
+        detail = "; ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda c: -c[1]))
+        lines.append(f"refused by the policy ({where}): {total}" + (f" ({detail})" if detail else ""))
+    return lines
 
 
 def workers(cfg: GatewayConfig) -> list[WorkerStatus]:

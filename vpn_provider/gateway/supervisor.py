@@ -24,7 +24,7 @@ from .credentials import (check_dir, check_existing, check_file, ensure_credenti
                           write_file)
 from .namespace import GatewayNamespace
 from .relay import RelayProcess
-from .status import RELAY_STATUS_SOCKET
+from .status import RELAY_STATUS_SOCKET, TUNNEL_REFUSALS
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ class Supervisor:
         self.ns = GatewayNamespace([proc.find_tool("ocserv"), "--foreground", "--config", str(conf)],
                                    str(cfg.state_dir / "ocserv.log"), masquerade=backend.needs_nat,
                                    policy=cfg.policy, resolvers=dns, egress_aliases=aliases,
-                                   ipv6=ipv6, ipv6_router=backend.ipv6_router)
+                                   ipv6=ipv6, ipv6_router=backend.ipv6_router,
+                                   refusals_path=cfg.run_dir / TUNNEL_REFUSALS)
         self.ns.spawn()
         self.egress = backend(cfg.run_dir)
         extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts),

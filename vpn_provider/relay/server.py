@@ -262,6 +262,7 @@ def serve_request(client: socket.socket, peer: tuple, handshake: ServerHandshake
         why = policy.why_denied(*dest) if verb is Verb.CONNECT else ""
         if why:
             denied.warning("relay: refused %s of %s to %s: %s", worker_name(worker), node, _name(dest), why)
+            table.refused(why)
             status, out = Status.FORBIDDEN, None
         else:
             status, out = answer(verb, dest, resolvers)

@@ -7,6 +7,7 @@ forgotten when that connection ends (the worker ended) and no flow of it is open
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -30,6 +31,16 @@ class WorkerTable:
     def __init__(self):
         self._lock = threading.Lock()
         self._tallies: dict[tuple[str, int], _Tally] = {}
+        self._refusals: collections.Counter[str] = collections.Counter()
+
+    def refused(self, reason: str) -> None:
+        """Count a request the destination policy refused, by its reason."""
+        with self._lock:
+            self._refusals[reason] += 1
+
+    def refusals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._refusals)
 
     @contextlib.contextmanager
     def present(self, node: str, worker: int):
@@ -84,6 +95,7 @@ def serve_status(listener: socket.socket, table: WorkerTable, settings: dict[str
         with conn:
             try:
                 conn.settimeout(5)
-                conn.sendall(json.dumps({**settings, "workers": table.snapshot()}).encode())
+                conn.sendall(json.dumps({**settings, "workers": table.snapshot(),
+                                         "refused": table.refusals()}).encode())
             except OSError:
                 pass
