@@ -3,6 +3,7 @@ namespace (the tier that needs user namespaces; no site, no traffic leaves the n
 from __future__ import annotations
 
 import ipaddress
+import errno
 import json
 import os
 import socket
@@ -171,3 +172,44 @@ def test_removing_the_redirect_removes_both_families():
     result = _in_namespace(probe)
     assert "error" not in result, result["error"]
     assert result["seen"] == [True, True, False, False]
+
+
+def _reset_both_families() -> dict:
+    """A TCP connection of each family over loopback, and one IPv4 connection of a dual-stack
+    socket (listed as ::ffff:127.0.0.1); reset all but the IPv4 one: what each owner sees."""
+    from pyroute2 import IPRoute
+    from vpn_provider.worker import netconfig
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    netconfig.enable_ipv6({"lo"})
+    listeners = {"v4": socket.create_server(("127.0.0.1", 0)),
+                 "v6": socket.create_server(("::1", 0), family=socket.AF_INET6),
+                 "mapped": socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)}
+    clients = {"v4": socket.create_connection(("127.0.0.1", listeners["v4"].getsockname()[1])),
+               "v6": socket.create_connection(("::1", listeners["v6"].getsockname()[1])),
+               "mapped": socket.create_connection(("127.0.0.1", listeners["mapped"].getsockname()[1]))}
+    accepted = {name: listener.accept()[0] for name, listener in listeners.items()}
+    listed_v6 = sorted({netconfig._unmapped(f["idiag_src"]) for f in linux.tcp_connections()
+                        if f["idiag_family"] == socket.AF_INET6})
+    spared = clients["v4"].getsockname()[1]
+    aborted = linux.reset_tcp_connections(lambda flow: flow["idiag_sport"] != spared
+                                          and flow["idiag_dport"] != spared)
+    seen = {"aborted": aborted}
+    for name, sock in clients.items():
+        sock.settimeout(2)
+        try:
+            sock.send(b"x")
+            seen[name] = "open" if accepted[name].recv(1) == b"x" else "ended"
+        except OSError as e:
+            seen[name] = errno.errorcode.get(e.errno, str(e))
+    seen["ipv6_sockets_listed_as"] = listed_v6
+    return seen
+
+
+def test_tcp_connections_of_both_families_can_be_reset():
+    """The tunnel's loss resets what it carried (netconfig.take_tunnel_down), IPv6 too."""
+    result = _in_namespace(_reset_both_families)
+    assert "error" not in result, result["error"]
+    assert result["v4"] == "open", result
+    assert result["v6"] != "open" and result["mapped"] != "open", result
+    assert result["ipv6_sockets_listed_as"] == ["127.0.0.1", "::1"], result  # unmapped for comparisons
