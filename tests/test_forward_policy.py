@@ -275,3 +275,12 @@ def test_the_ipv6_masquerade_table_is_accepted_by_this_kernel():
     result = _in_namespace(_install_with_ipv6_masquerade)
     assert "error" not in result, result["error"]
     assert forward_policy.NAT6_TABLE in result["ip6_tables"], result
+
+
+@pytest.mark.userns
+def test_the_gateway_asks_the_kernel_about_ipv6_masquerade_before_it_relies_on_it():
+    """The same answer as the table itself gets (the test above): this kernel takes it."""
+    ok, why = linux.user_namespaces_allowed()
+    if not ok:
+        pytest.skip(f"this kernel refuses unprivileged user namespaces: {why}")
+    assert forward_policy.ipv6_masquerade_refused() == ""

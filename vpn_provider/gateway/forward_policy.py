@@ -35,6 +35,7 @@ import errno
 import ipaddress
 import json
 import os
+import signal
 import socket
 import struct
 import threading
@@ -47,6 +48,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWRULE, nft_rule_msg
 from pyroute2.nftables.expressions import genex, verdict
 from pyroute2.nftables.main import NFTables
 
+from .. import proc
 from ..policy import ALWAYS_DENIED, Network, Policy, Rule
 from .credentials import write_file
 
@@ -230,6 +232,34 @@ def install(policy: Policy, host_addresses: Sequence[str] = (), *, resolvers: Se
         nft.close()
     if masquerade_ipv6:
         _masquerade_ipv6()
+
+
+def ipv6_masquerade_refused() -> str:
+    """Why this kernel refuses the IPv6 masquerade (in a throwaway user+net namespace), or ""
+    if it takes it: asked before ocserv.conf is written, so that a kernel without IPv6 NAT
+    gives an IPv4-only tunnel rather than no gateway."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(r)
+        why = b""
+        try:
+            from .. import linux  # noqa: PLC0415
+            linux.enter_user_namespace(inner_uid=0, inner_gid=0, flags=linux.CLONE_NEWNET)
+            _masquerade_ipv6()
+        except BaseException as e:  # noqa: BLE001 - any failure is the answer
+            why = (str(e) or type(e).__name__).encode()[:300]
+        os.write(w, why)
+        os._exit(0)
+    os.close(w)
+    try:
+        why = proc.read_message(r, 10.0)
+    finally:
+        os.close(r)
+    if why is None:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "no answer within 10 s" if why is None else why.decode(errors="replace").strip()
 
 
 def _masquerade_ipv6() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import egress, linux, proc
 from ..errors import GatewayError, VPNError
 from ..ticket import Endpoint, Ticket
-from . import ocserv_conf, registry
+from . import forward_policy, ocserv_conf, registry
 from .config import SLIRP_NETWORK, TUNNEL_IPV6_POOL, GatewayConfig, host_resolvers
 from .credentials import (check_dir, check_existing, check_file, ensure_credentials, open_file, pin_of, read_file,
                           write_file)
@@ -145,6 +145,9 @@ class Supervisor:
         if not dns:
             raise GatewayError("no DNS resolver to push to clients", "pass --dns IP[,IP]")
         ipv6 = has_ipv6_route()
+        if ipv6 and (why := forward_policy.ipv6_masquerade_refused()):
+            log.warning("the tunnel carries no IPv6: this kernel refuses IPv6 masquerade (%s)", why)
+            ipv6 = False
         conf = cfg.state_dir / "ocserv.conf"
         write_file(conf, ocserv_conf.render(ocserv_conf.OcservSettings(
             port=cfg.listen.port, pool=cfg.pool, dns=dns, server_cert=creds.server_cert,
