@@ -697,24 +697,29 @@ def test_records_that_arrive_together_are_each_delivered_whole():
     assert result["size"] == 4 * len(END_LOOKALIKE) and result["head"] == END_LOOKALIKE.decode("latin-1")
 
 
-def _probe_foreign_relay(first_bytes: bytes) -> dict:
-    """The relay check against a server that answers the hello with ``first_bytes`` and closes."""
+def _verdict_against(answer) -> str:
+    """The helper's relay check against a relay of the test's own, which runs ``answer(conn)``
+    on each connection."""
     from pyroute2 import IPRoute
     from vpn_provider.ticket import Endpoint
     from vpn_provider.worker.node_helper import NodeHelper
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer(conn: socket.socket) -> None:
-        with conn:
-            conn.recv(1024)
-            conn.sendall(first_bytes)
     _serve_forever(listener, answer)
     helper = NodeHelper(Endpoint("127.0.0.1", listener.getsockname()[1]), KEY)
     verdict = helper.verdict(10)
     helper.abandon()
-    return {"verdict": verdict}
+    return verdict
+
+
+def _probe_foreign_relay(first_bytes: bytes) -> dict:
+    """The relay check against a server that answers the hello with ``first_bytes`` and closes."""
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(1024)
+            conn.sendall(first_bytes)
+    return {"verdict": _verdict_against(answer)}
 
 
 @pytest.mark.parametrize("first_bytes", [b"VPNP-RELAY/4\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"], ids=["v4", "http"])
@@ -731,13 +736,7 @@ def test_a_gateway_of_another_version_is_named_in_one_line(first_bytes):
 def _probe_relay_that_cuts(cuts: int) -> dict:
     """The relay check against a relay that resets its first ``cuts`` handshakes after the hello
     (as a busy relay past its deadline does), then answers as the real one."""
-    from pyroute2 import IPRoute
     from vpn_provider.relay.pump import reset
-    from vpn_provider.ticket import Endpoint
-    from vpn_provider.worker.node_helper import NodeHelper
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    listener = socket.create_server(("127.0.0.1", 0))
     seen = {"connections": 0}
 
     def answer(conn: socket.socket) -> None:
@@ -750,11 +749,7 @@ def _probe_relay_that_cuts(cuts: int) -> dict:
             _, handshake = server_handshake(conn, KEY)
             conn.sendall(handshake.status(Status.OK))
             conn.recv(1)
-    _serve_forever(listener, answer)
-    helper = NodeHelper(Endpoint("127.0.0.1", listener.getsockname()[1]), KEY)
-    verdict = helper.verdict(20)
-    helper.abandon()
-    return {"verdict": verdict, "connections": seen["connections"]}
+    return {"verdict": _verdict_against(answer), "connections": seen["connections"]}
 
 
 def test_a_handshake_the_relay_cut_is_tried_again():

@@ -90,9 +90,7 @@ def refuse_ipv6_tcp() -> None:
             return
         with IPRoute() as ipr:
             ipr.route("replace", dst="::/0", type="unreachable", table=_TCP_TABLE, family=socket.AF_INET6)
-            if not any(r.get_attr("FRA_TABLE") == _TCP_TABLE for r in ipr.get_rules(family=socket.AF_INET6)):
-                ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
-                         family=socket.AF_INET6)
+            _route_tcp_by_own_table(ipr, socket.AF_INET6)
     except Exception as e:  # noqa: BLE001 - NetlinkError, OSError
         log.warning("IPv6 TCP may stall in the tunnel: %s", e)
 
@@ -157,8 +155,13 @@ def route_tcp_to_loopback() -> None:
         ipr.addr("add", index=lo, address=RELAY_ONLY_DUMMY_ADDRESS, prefixlen=32)
         ipr.route("add", dst="0.0.0.0/0", oif=lo, prefsrc="127.0.0.1", table=_TCP_TABLE, family=socket.AF_INET)
         ipr.route("add", dst="0.0.0.0/0", type="unreachable", family=socket.AF_INET)
-        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
-                 family=socket.AF_INET)
+        _route_tcp_by_own_table(ipr, socket.AF_INET)
+
+
+def _route_tcp_by_own_table(ipr, family: int) -> None:
+    """The rule that routes ``family``'s TCP by _TCP_TABLE (once: the callers may meet)."""
+    if not any(r.get_attr("FRA_TABLE") == _TCP_TABLE for r in ipr.get_rules(family=family)):
+        ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP, family=family)
 
 
 def enable_ipv6(links: set[str]) -> bool:
@@ -199,8 +202,7 @@ def route_ipv6_tcp_to_loopback(home: str) -> None:
             # tunnel's IPv6 address, which a reconnection may take away under them.
             ipr.route("add", dst="::/0", type="local", oif=lo, prefsrc=RELAY_IPV6_ADDRESS, table=_TCP_TABLE,
                       family=socket.AF_INET6)
-            ipr.rule("add", table=_TCP_TABLE, priority=_TCP_TABLE, FRA_IP_PROTO=socket.IPPROTO_TCP,
-                     family=socket.AF_INET6)
+            _route_tcp_by_own_table(ipr, socket.AF_INET6)
         except Exception:
             ipr.addr("del", index=home_index, address=RELAY_IPV6_ADDRESS, prefixlen=128)  # no AAAA then
             raise
