@@ -94,6 +94,17 @@ def test_check_names_a_wrong_pin(site_env):
     assert any(ln.startswith("pin of 198.19.20.1:8443") and "FAIL" in ln for ln in done.stdout.splitlines())
 
 
+def _commands(pids: list[int]) -> list[str]:
+    """What each process runs, for a failure message."""
+    found = []
+    for pid in pids:
+        try:
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            pass
+    return found
+
+
 def test_python_api_gateway_context_manager_and_run(site_env):
     """The API as a user would call it: Gateway in a with-block on the login host, run() on a node."""
     site = site_env.site
@@ -107,11 +118,12 @@ def test_python_api_gateway_context_manager_and_run(site_env):
             print("ticket", gw.ticket_path, flush=True)
             sys.stdin.readline()   # hold the gateway until the test says so
             # ocserv drops a session a moment after its openconnect goes: wait, but not forever
-            for _ in range(50):
+            for _ in range(150):
                 if not gw.workers():
                     break
                 time.sleep(0.2)
-            print("workers", len(gw.workers()), flush=True)
+            left = gw.workers()
+            print("workers", len(left), *(f"{{w.transport}}:{{w.worker}}:{{w.flows}}" for w in left), flush=True)
     """)
     holder = site.popen_user(site.login, [str(Path(VP).parent / "python"), "-c", up],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -128,7 +140,11 @@ def test_python_api_gateway_context_manager_and_run(site_env):
         assert done.stdout.split() == ["0", "200"], done.stderr
         holder.stdin.write("\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "workers 0"
+        left = holder.stdout.readline().strip()
+        if left != "workers 0":  # which worker stayed, and why: shown with the failure
+            print(*_commands(site.user_pids()), (state / "relay.log").read_text()[-1500:],
+                  (state / "ocserv.log").read_text()[-3000:], sep="\n")
+        assert left == "workers 0"
         assert holder.wait(timeout=20) == 0
     finally:
         if holder.poll() is None:
