@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vpn_provider.relay import protocol, pump, records, server
+from vpn_provider.relay import native_pump, protocol, pump, records, server
 from vpn_provider.relay.protocol import (HandshakeError, Mode, Status, Verb, client_handshake, relay_key,
                                          server_handshake)
 from vpn_provider.relay.records import recv_record
@@ -113,6 +113,14 @@ def test_client_and_server_of_different_versions_name_the_mismatch():
         client_handshake(c, KEY, Verb.PING)
 
 
+@pytest.fixture(params=[True, False], ids=["C-pump", "Python-pump"])
+def native(request) -> bool:
+    """Both pumps of the gateway's flows: in C (native_pump.py) and the Python fallback."""
+    if request.param and not native_pump.available():
+        pytest.skip(f"{native_pump.LIBRARY} was not built (setup.py build_ext)")
+    return request.param
+
+
 def _loopback_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
@@ -120,10 +128,10 @@ def _loopback_pair() -> tuple[socket.socket, socket.socket]:
     return client, accepted
 
 
-def test_flow_moves_bytes_both_ways_and_passes_half_close():
+def test_flow_moves_bytes_both_ways_and_passes_half_close(native):
     app, relay_in = _loopback_pair()
     relay_out, far = _loopback_pair()
-    threading.Thread(target=Flow(relay_in, relay_out).run, daemon=True).start()
+    threading.Thread(target=Flow(relay_in, relay_out, native=native).run, daemon=True).start()
     payload = os.urandom(8 << 20)
     received = bytearray()
 
@@ -144,7 +152,7 @@ def test_flow_moves_bytes_both_ways_and_passes_half_close():
     assert back == b"reply after EOF"
 
 
-def test_a_flow_that_ended_cleanly_delivers_what_is_still_queued():
+def test_a_flow_that_ended_cleanly_delivers_what_is_still_queued(native):
     """Both directions ended, the reader has not read yet: most of the stream still waits in
     the relay's send queue when the flow closes. That close must deliver it, then the end (the
     sockets reset on close for the rest of a flow's life)."""
@@ -155,7 +163,7 @@ def test_a_flow_that_ended_cleanly_delivers_what_is_still_queued():
         relay_in, _ = listener.accept()
     relay_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     relay_out, far = _loopback_pair()
-    flow = threading.Thread(target=Flow(relay_in, relay_out).run, daemon=True)
+    flow = threading.Thread(target=Flow(relay_in, relay_out, native=native).run, daemon=True)
     flow.start()
     payload = os.urandom(256 << 10)
     app.shutdown(socket.SHUT_WR)
@@ -170,7 +178,7 @@ def test_a_flow_that_ended_cleanly_delivers_what_is_still_queued():
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
-def test_death_of_the_relay_process_resets_its_flows():
+def test_death_of_the_relay_process_resets_its_flows(native):
     """SIGTERM (`gateway stop`) or SIGKILL: the kernel closes the flow's sockets, and a stream
     without a length must not end cleanly there, so they reset on close for the flow's life."""
     app, relay_in = _loopback_pair()
@@ -178,7 +186,7 @@ def test_death_of_the_relay_process_resets_its_flows():
     pid = os.fork()
     if pid == 0:  # the relay: nothing but the flow
         try:
-            Flow(relay_in, relay_out).run()
+            Flow(relay_in, relay_out, native=native).run()
         finally:
             os._exit(0)
     relay_in.close()
@@ -218,7 +226,7 @@ def test_a_reader_that_pauses_longer_than_the_user_timeout_keeps_its_flow(monkey
     app, relay_in = _loopback_pair()
     relay_out, far = _loopback_pair()
     pump.tune(relay_in, link=True)
-    threading.Thread(target=Flow(relay_in, relay_out, link=relay_in).run, daemon=True).start()
+    threading.Thread(target=Flow(relay_in, relay_out, link=relay_in, native=False).run, daemon=True).start()
     payload = os.urandom(32 << 20)  # more than every buffer on the way holds
     sender = threading.Thread(target=lambda: (far.sendall(payload), far.close()), daemon=True)
     sender.start()
@@ -255,12 +263,12 @@ def test_relay_server_resets_a_client_with_the_wrong_secret(relay_server):
         _ask(relay_server, Verb.PING, ("0.0.0.0", 0), key=relay_key("x" * 32))
 
 
-def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset():
+def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset(native):
     """A destination that aborts mid-transfer must not look like a complete download."""
     import struct
     app, relay_in = _loopback_pair()
     relay_out, far = _loopback_pair()
-    threading.Thread(target=Flow(relay_in, relay_out).run, daemon=True).start()
+    threading.Thread(target=Flow(relay_in, relay_out, native=native).run, daemon=True).start()
     far.sendall(b"partial")
     assert app.recv(7) == b"partial"
     far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -324,7 +332,7 @@ def test_strangers_holding_many_unfinished_handshakes_do_not_stop_a_client(relay
             s.close()
 
 
-def _sealed_flow():
+def _sealed_flow(native: bool):
     """A sealed flow as the gateway carries it: (the node's socket and session, the far end)."""
     node, relay_in = _loopback_pair()
     box: dict = {}
@@ -338,12 +346,13 @@ def _sealed_flow():
     t.join()
     relay_in.settimeout(None)
     relay_out, far = _loopback_pair()
-    threading.Thread(target=Flow(relay_in, relay_out, session=box["handshake"].session).run, daemon=True).start()
+    flow = Flow(relay_in, relay_out, session=box["handshake"].session, native=native)
+    threading.Thread(target=flow.run, daemon=True).start()
     return node, session, far
 
 
-def test_a_sealed_flow_moves_bytes_both_ways_and_ends_with_authenticated_ends():
-    node, session, far = _sealed_flow()
+def test_a_sealed_flow_moves_bytes_both_ways_and_ends_with_authenticated_ends(native):
+    node, session, far = _sealed_flow(native)
     payload = os.urandom(3 << 20)
     for i in range(0, len(payload), 50_000):
         node.sendall(session.sealer.seal(payload[i:i + 50_000]))
@@ -359,8 +368,8 @@ def test_a_sealed_flow_moves_bytes_both_ways_and_ends_with_authenticated_ends():
 
 
 @pytest.mark.parametrize("attack", ["flip a byte", "cut inside a record", "cut between records"])
-def test_an_altered_or_cut_sealed_stream_reaches_the_destination_as_a_reset(attack):
-    node, session, far = _sealed_flow()
+def test_an_altered_or_cut_sealed_stream_reaches_the_destination_as_a_reset(attack, native):
+    node, session, far = _sealed_flow(native)
     record = bytearray(session.sealer.seal(b"GET /file HTTP/1.0\r\n\r\n"))
     if attack == "flip a byte":
         record[10] ^= 0x01
@@ -380,6 +389,32 @@ def test_an_altered_or_cut_sealed_stream_reaches_the_destination_as_a_reset(atta
     assert got == (b"GET /file HTTP/1.0\r\n\r\n" if attack == "cut between records" else b"")
 
 
+def test_the_c_pump_goes_on_from_the_handshakes_record_numbers_across_an_epoch():
+    """The C pump takes over both directions where the Python handshake left them: a flow two
+    records short of a new epoch must agree with the node's records past it, both ways."""
+    if not native_pump.available():
+        pytest.skip(f"{native_pump.LIBRARY} was not built (setup.py build_ext)")
+    node, relay_in = _loopback_pair()
+    relay_out, far = _loopback_pair()
+    secret_up, secret_down = os.urandom(32), os.urandom(32)
+    node_sealer, node_opener = records.Sealer(secret_up), records.Opener(secret_down)
+    gateway = protocol.Session(Mode.SEALED, records.Sealer(secret_down), records.Opener(secret_up))
+    for direction in (node_sealer, node_opener, gateway.sealer, gateway.opener):
+        direction._number = records.EPOCH_RECORDS - 2
+    threading.Thread(target=Flow(relay_in, relay_out, session=gateway, native=True).run, daemon=True).start()
+    node.settimeout(10)
+    far.settimeout(10)
+    for i in range(5):
+        node.sendall(node_sealer.seal(bytes([i]) * 1000))
+        far.sendall(bytes([i]) * 700)
+        assert far.recv(1000, socket.MSG_WAITALL) == bytes([i]) * 1000
+        assert recv_record(node, node_opener) == bytes([i]) * 700
+    node.sendall(node_sealer.end())
+    assert far.recv(1) == b""  # the node's END, as a clean end of stream
+    far.close()
+    assert recv_record(node, node_opener) == b"" and node_opener.ended
+
+
 def test_records_change_key_every_epoch(monkeypatch):
     monkeypatch.setattr(records, "EPOCH_RECORDS", 4)
     sealer, opener = records.Sealer(b"k" * 32), records.Opener(b"k" * 32)
@@ -394,14 +429,14 @@ def test_records_change_key_every_epoch(monkeypatch):
         stale.open(sealed[4][:4], sealed[4][4:])
 
 
-def test_the_worker_table_keeps_a_workers_bytes_until_it_leaves():
+def test_the_worker_table_keeps_a_workers_bytes_until_it_leaves(native):
     """A flow that ends adds its bytes to its worker, which stays listed (its helper may be
     between two PRESENT connections) until its PRESENT connection ends with no flow open."""
     from vpn_provider.relay.workers import WorkerTable
     table = WorkerTable()
     a, b = socket.socketpair()
     c, d = socket.socketpair()
-    flow = Flow(b, c)
+    flow = Flow(b, c, native=native)
     table.add_flow("198.19.20.10", 42, flow)
     threading.Thread(target=flow.run, daemon=True).start()
     a.sendall(b"x" * 1000)

@@ -288,6 +288,7 @@ def test_status_and_check_show_the_encryption_and_the_policy(site_env, gateway_w
     assert status.returncode == 0, status.stderr
     relay = json.loads(status.stdout)["relay"]
     assert relay["encryption"] == encryption
+    assert relay["pump"] == "native (_relay_pump.so)"  # this install was built with a compiler
     assert "never loopback, link-local" in relay["policy"]
     check = site_env.vp(site_env.node, "check", "--ticket", str(gateway_with / "ticket.json"), "--dns-name",
                         "www.sim.test", timeout=90)

@@ -65,7 +65,7 @@ def _device_bytes(cfg: GatewayConfig) -> dict[str, tuple[int, int]]:
 
 
 def _relay_report(cfg: GatewayConfig) -> dict:
-    """The relay's view ({"workers": [...], "encryption": ..., "policy": ...}), {} if it runs
+    """The relay's view ({"workers": [...], "encryption": ..., "policy": ..., "pump": ...}), {} if it runs
     none or does not answer."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -85,7 +85,7 @@ def snapshot(cfg: GatewayConfig) -> tuple[list[WorkerStatus], dict]:
     reports them), from one reading of the relay's status socket; and under "refused", how
     many requests the destination policy refused per reason, at the relay and in the tunnel."""
     report = _relay_report(cfg)
-    settings: dict = {k: str(report[k]) for k in ("encryption", "policy") if k in report}
+    settings: dict = {k: str(report[k]) for k in ("encryption", "policy", "pump") if k in report}
     settings["refused"] = {"relay": _counts(report.get("refused")), "tunnel": _tunnel_refusals(cfg)}
     return _workers(cfg, report.get("workers", [])), settings
 

@@ -17,8 +17,9 @@
  *
  * Then, per connection, a thread connects to the relay, runs the handshake (relay protocol 3,
  * its cryptography in relay_crypto.c) and carries the bytes both ways: as AES-GCM records
- * (pump_sealed), or, if the gateway chose plain relaying, spliced as they are (pump). A DNS query
- * over UDP becomes one DNS-over-TCP exchange with the gateway's resolver.
+ * (pump_sealed), or, if the gateway chose plain relaying, spliced as they are (pump_plain); both
+ * pumps are in flow_pump.c. A DNS query over UDP becomes one DNS-over-TCP exchange with the
+ * gateway's resolver.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -47,19 +48,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "flow_pump.h"
 #include "relay_crypto.h"
 #include "tunnel_keeper.h"
 
 #define CTL_FD 3
 #define PRESENCE_RETRY_MS 1000
-#define CHUNK (256 * 1024)         /* per pipe; see vpn_provider/relay/pump.py on the quota */
 #define CONNECT_TIMEOUT_MS 10000
 #define ANSWER_TIMEOUT_S 20        /* the gateway may take 15 s to reach a destination */
 #define DNS_TIMEOUT_S 5
 #define THREAD_STACK (64 * 1024)   /* flow threads only move bytes (buffers: map_buffers); small
                                       stacks keep RSS flat */
 #define SAY_INTERVAL 10            /* seconds between two lines on the job's stderr */
-#define OOB_CHUNK 4096
 
 enum { STATUS_OK = 0 };
 
@@ -109,51 +109,17 @@ static void say(const char *fmt, ...)
     (void)ignored;
 }
 
-/* SO_LINGER {on, 0}: every close, the kernel's when we die included, sends a reset. A relayed
- * flow's two sockets carry it for the flow's whole life (from accept, from the relay's answer),
- * so SIGKILL, or the SIGTERM of our parent's death, resets every flow instead of ending it with
- * a FIN that reads as a clean end of stream. Only a flow that ended cleanly both ways clears it
- * (pump), so what is still queued gets delivered. */
-static void set_linger(int fd, int on)
-{
-    struct linger l = {on, 0};
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
-}
-
-static void reset_close(int fd)
-{
-    set_linger(fd, 1);  /* close with RST: the peer must see a failure, not an end */
-    close(fd);
-}
-
-/* The link to the gateway's relay: a flow whose link died must end, with a reset to the
- * application, well within a minute. Idle, keepalives find a dead peer in 15 + 3 x 5 = 30 s;
+/* The link to the gateway's relay: idle, keepalives find a dead peer in 15 + 3 x 5 = 30 s;
  * with data unacknowledged they stay silent and retransmissions would go on for ~15 minutes
- * (tcp_retries2), so TCP_USER_TIMEOUT ends it after 30 s without an ACK (paced: see
- * pace_user_timeout). The application's socket is loopback: the gentler keepalives do there. */
-#define LINK_USER_TIMEOUT_MS 30000
-#define WATCH_MS 5000              /* how often a link with data on its way is looked at */
-#define TCP_INFO_SND_WND 228       /* offset of tcpi_snd_wnd in struct tcp_info (Linux >= 5.4) */
-
-/* The peer's receive window as last advertised, or -1 if this kernel does not say. */
-static long peer_window(int fd)
-{
-    uint8_t info[TCP_INFO_SND_WND + 4];
-    socklen_t len = sizeof info;
-    uint32_t wnd;
-    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) < 0 || len < sizeof info)
-        return -1;
-    memcpy(&wnd, info + TCP_INFO_SND_WND, sizeof wnd);
-    return (long)wnd;
-}
-
-/* 1 if a user timeout was set (the kernel shows the peer's window, so it can be paced). */
+ * (tcp_retries2), so TCP_USER_TIMEOUT ends it after 30 s without an ACK. The application's
+ * socket is loopback: the gentler keepalives do there. 1 if a user timeout was set (the kernel
+ * shows the peer's window, so it can be paced: flow_pump.c). */
 static int tune(int fd, int link)
 {
     int on = 1, idle = link ? 15 : 60, intvl = link ? 5 : 10, cnt = link ? 3 : 6;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);  /* XRootD's small requests */
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
-    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  /* urgent data: see step() */
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  /* urgent data: see flow_pump.c */
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
@@ -404,400 +370,6 @@ static void ipv4_mapped(struct in_addr ip, uint8_t address[16])
     memcpy(address + 12, &ip, 4);
 }
 
-/* ---- the splice pump ---------------------------------------------------------------- */
-
-struct direction {
-    int src, dst, pipe_r, pipe_w;
-    size_t pending;  /* bytes in the pipe, not yet in dst */
-    int eof, shut;
-};
-
-static int pipe_for(struct direction *d)
-{
-    int p[2];
-    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
-        return -1;
-    fcntl(p[1], F_SETPIPE_SZ, CHUNK);  /* may fail once the user's pipe quota is spent: fine */
-    d->pipe_r = p[0];
-    d->pipe_w = p[1];
-    return 0;
-}
-
-/* Move what can move without blocking; 1 if anything moved, 0 if not, -1 on a failure. */
-static int step(struct direction *d)
-{
-    int moved = 0;
-    if (!d->eof && !d->pending) {
-        ssize_t n = splice(d->src, NULL, d->pipe_w, NULL, CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        int at_mark = 0;
-        if ((n == 0 || (n < 0 && errno == EAGAIN)) && ioctl(d->src, SIOCATMARK, &at_mark) == 0 && at_mark) {
-            /* splice stops at TCP's urgent mark (telnet, FTP's ABOR, Java's sendUrgentData) and
-             * would report "nothing" forever; recv steps over it, and SO_OOBINLINE (tune) keeps
-             * the urgent byte in the stream. The pipe is empty, so the write fits. */
-            char buf[OOB_CHUNK];
-            n = recv(d->src, buf, sizeof buf, MSG_DONTWAIT);
-            if (n > 0 && write(d->pipe_w, buf, (size_t)n) != n)
-                return -1;
-        }
-        if (n > 0) {
-            d->pending = (size_t)n;
-            moved = 1;
-        } else if (n == 0) {
-            d->eof = moved = 1;
-        } else if (errno != EAGAIN && errno != EINTR) {
-            return -1;
-        }
-    }
-    while (d->pending) {
-        ssize_t n = splice(d->pipe_r, NULL, d->dst, NULL, d->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        if (n > 0) {
-            d->pending -= (size_t)n;
-            moved = 1;
-        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-            break;
-        } else {
-            return -1;
-        }
-    }
-    if (d->eof && !d->pending && !d->shut) {
-        /* End of stream one way becomes a half-close the other way. */
-        if (shutdown(d->dst, SHUT_WR) < 0 && errno != ENOTCONN)
-            return -1;
-        d->shut = moved = 1;
-    }
-    return moved;
-}
-
-/* TCP_USER_TIMEOUT also aborts a live peer that keeps its window shut that long (the kernel
- * counts its zero-window probes as unanswered; measured on 6.18): a reader on the far side that
- * pauses for 30 s would lose its flow. So while the peer's window is 0 the user timeout is off,
- * and on again once it opens. A dead link shows the last window the peer advertised, open
- * unless the far reader had paused, and the user timeout ends the flow. */
-static void pace_user_timeout(int fd, int *off)
-{
-    long wnd = peer_window(fd);
-    if (wnd < 0 || (wnd == 0) == *off)
-        return;
-    int ms = wnd == 0 ? 0 : LINK_USER_TIMEOUT_MS;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms) == 0)
-        *off = wnd == 0;
-}
-
-static long now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
-    return (long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
-/* What both pumps keep between their polls. */
-struct watch {
-    int paced;  /* the link socket whose user timeout follows its peer's window, or -1 */
-    int window_shut, hung_up[2];
-    long next_pace;
-};
-
-static void pace(struct watch *w)
-{
-    if (w->paced >= 0 && now_ms() >= w->next_pace) {
-        pace_user_timeout(w->paced, &w->window_shut);
-        w->next_pace = now_ms() + WATCH_MS;
-    }
-}
-
-/* Wait for what `p` asks, or `idle_ms` (-1: for ever). -1 if a socket failed, 0 if the time
- * passed with nothing at all to do, else 1. */
-static int await_sockets(struct pollfd p[2], struct watch *w, int idle_ms)
-{
-    /* A socket we want nothing from still reports errors (POLLERR: the application reset
-     * an idle flow), but once it has hung up it stays out: POLLHUP would wake us in a loop. */
-    for (int i = 0; i < 2; i++)
-        if (!p[i].events && w->hung_up[i])
-            p[i].fd = -1;
-    /* Data on its way over the link (TIOCOUTQ is SIOCOUTQ): its peer's window may shut while
-     * we wait, so wake up to pace the user timeout. An idle flow sleeps. */
-    int queued = 0, wait = idle_ms;
-    if (w->paced >= 0 && ioctl(w->paced, TIOCOUTQ, &queued) == 0 && queued > 0)
-        wait = WATCH_MS;
-    int r = poll(p, 2, wait);
-    if (r < 0)
-        return errno == EINTR ? 1 : -1;
-    for (int i = 0; i < 2; i++) {
-        if (p[i].revents & POLLERR)
-            return -1;
-        if ((p[i].revents & POLLHUP) && !p[i].events)
-            w->hung_up[i] = 1;
-    }
-    return r == 0 && !queued ? 0 : 1;
-}
-
-/* Close a flow's two sockets: with a reset if it failed, so no one takes a cut stream for a
- * whole one; else after delivering what is queued (the FINs are sent). */
-static void end_flow(int a, int b, int failed)
-{
-    if (failed) {
-        reset_close(a);
-        reset_close(b);
-    } else {
-        set_linger(a, 0);
-        set_linger(b, 0);
-        close(a);
-        close(b);
-    }
-}
-
-/* Splice until both directions have ended; consumes both sockets. */
-static void pump(int a, int b, int paced)
-{
-    struct direction dirs[2] = {{a, b, -1, -1, 0, 0, 0}, {b, a, -1, -1, 0, 0, 0}};
-    struct watch w = {paced, 0, {0, 0}, 0};
-    int failed = 0;
-    if (pipe_for(&dirs[0]) < 0 || pipe_for(&dirs[1]) < 0) {
-        failed = 1;
-        goto done;
-    }
-    fcntl(a, F_SETFL, fcntl(a, F_GETFL) | O_NONBLOCK);
-    fcntl(b, F_SETFL, fcntl(b, F_GETFL) | O_NONBLOCK);
-    while (!(dirs[0].shut && dirs[1].shut)) {
-        pace(&w);
-        int moved = 0;
-        for (int i = 0; i < 2; i++) {
-            int r = step(&dirs[i]);
-            if (r < 0) {
-                failed = 1;
-                goto done;
-            }
-            moved |= r;
-        }
-        if (moved)
-            continue;
-        struct pollfd p[2] = {{a, 0, 0}, {b, 0, 0}};
-        for (int i = 0; i < 2; i++) {
-            struct direction *d = &dirs[i];
-            if (!d->eof && !d->pending)
-                p[i].events |= POLLIN;  /* dirs[i].src is p[i].fd */
-            if (d->pending)
-                p[1 - i].events |= POLLOUT;
-        }
-        if (await_sockets(p, &w, -1) < 0) {
-            failed = 1;
-            goto done;
-        }
-    }
-done:
-    for (int i = 0; i < 2; i++) {
-        if (dirs[i].pipe_r >= 0)
-            close(dirs[i].pipe_r);
-        if (dirs[i].pipe_w >= 0)
-            close(dirs[i].pipe_w);
-    }
-    end_flow(a, b, failed);
-}
-
-/* ---- the sealed pump: records both ways ---------------------------------------------- */
-
-/* A flow's record buffers come from mmap when its bytes start and go back when it ends, and an
- * idle flow gives their pages back: a worker's memory is what its busy flows need now, never
- * what a burst once needed (the heap would keep that). Each buffer is a whole number of pages. */
-#define IDLE_MS 1000
-
-static size_t buffer_span(void)
-{
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    return (RECORD_MAX + page - 1) / page * page;
-}
-
-static uint8_t *map_buffers(int count)
-{
-    void *p = mmap(NULL, count * buffer_span(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
-}
-
-static void unmap_buffers(uint8_t *p, int count)
-{
-    if (p)
-        munmap(p, count * buffer_span());
-}
-
-/* The application's bytes to the gateway: each read becomes one record, sealed in place. */
-struct sealing {
-    uint8_t *record;
-    size_t at, left;  /* sealed bytes not yet sent */
-    int ended, shut;  /* the application's end read (END sealed) / END sent and the link shut */
-};
-
-/* Records from the gateway to the application. Records are opened in place, and the
- * plaintexts of small ones gathered behind the first's, so a burst of them is one write. */
-struct opening {
-    uint8_t *buf;
-    size_t start, end;              /* received bytes not yet opened */
-    size_t plain_at, plain_left;    /* opened bytes not yet written */
-    int ended, shut, link_ended;    /* END opened / the application shut / the link's TCP end */
-};
-
-/* Send buf[*at, *at + *left) without blocking, as far as the socket takes it; -1 on an error. */
-static int send_pending(int fd, const uint8_t *buf, size_t *at, size_t *left, int *moved)
-{
-    while (*left) {
-        ssize_t n = send(fd, buf + *at, *left, MSG_NOSIGNAL);
-        if (n < 0)
-            return errno == EAGAIN || errno == EINTR ? 0 : -1;
-        *at += (size_t)n;
-        *left -= (size_t)n;
-        *moved = 1;
-    }
-    return 0;
-}
-
-/* Each step moves what it can without blocking: 1 if anything moved, 0 if not, -1 if the flow
- * must be reset (with *why set if it is the gateway's records that are wrong). */
-static int seal_step(struct sealing *s, struct record_direction *d, int app, int link)
-{
-    int moved = 0;
-    if (!s->left && !s->ended) {
-        /* read, not splice: it steps over an urgent mark by itself (SO_OOBINLINE keeps the byte). */
-        ssize_t n = read(app, s->record + RECORD_HEADER, RECORD_MAX_PLAINTEXT);
-        if (n < 0)
-            return errno == EAGAIN || errno == EINTR ? 0 : -1;
-        long size = record_seal(d, s->record, (size_t)n, n ? RECORD_DATA : RECORD_END);
-        if (size < 0)
-            return -1;
-        s->at = 0;
-        s->left = (size_t)size;
-        s->ended = n == 0;
-        moved = 1;
-    }
-    if (send_pending(link, s->record, &s->at, &s->left, &moved) < 0)
-        return -1;
-    if (s->left)
-        return moved;
-    if (s->ended && !s->shut) {
-        if (shutdown(link, SHUT_WR) < 0 && errno != ENOTCONN)
-            return -1;
-        s->shut = moved = 1;
-    }
-    return moved;
-}
-
-static int open_step(struct opening *o, struct record_direction *d, int link, int app, const char **why)
-{
-    int moved = 0;
-    if (!o->plain_left && !o->link_ended) {
-        if (o->start) {  /* a partial record at most: to the front, so that a whole one fits */
-            memmove(o->buf, o->buf + o->start, o->end - o->start);
-            o->end -= o->start;
-            o->start = 0;
-        }
-        errno = EAGAIN;  /* a full buffer holds a whole record: open it before reading more */
-        ssize_t n = o->end < RECORD_MAX ? read(link, o->buf + o->end, RECORD_MAX - o->end) : -1;
-        if (n > 0) {
-            o->end += (size_t)n;
-            moved = 1;
-        } else if (n == 0) {
-            o->link_ended = moved = 1;
-            if (!o->ended || o->end > o->start) {
-                *why = o->ended ? "data after the end of the stream" : "the stream was cut (no end record)";
-                return -1;
-            }
-        } else if (errno != EAGAIN && errno != EINTR) {
-            return -1;
-        }
-    }
-    if (!o->plain_left) {
-        o->plain_at = o->start + RECORD_HEADER;
-        while (o->end - o->start >= RECORD_HEADER) {
-            uint8_t *record = o->buf + o->start, *gathered = o->buf + o->plain_at + o->plain_left;
-            long body = record_body_size(record), length;
-            if (o->ended) {
-                *why = "data after the end of the stream";
-                return -1;
-            }
-            if (body < 0) {
-                *why = relay_crypto_error();
-                return -1;
-            }
-            if (o->end - o->start < RECORD_HEADER + (size_t)body)
-                break;  /* the rest of it is still on its way */
-            if ((length = record_open(d, record)) < 0) {
-                *why = relay_crypto_error();
-                return -1;
-            }
-            /* Read the type before gathering: the plaintext moved down may cover this header. */
-            o->ended = record[0] == RECORD_END;
-            if (gathered != record + RECORD_HEADER)
-                memmove(gathered, record + RECORD_HEADER, (size_t)length);
-            o->plain_left += (size_t)length;
-            o->start += RECORD_HEADER + (size_t)body;
-            moved = 1;
-        }
-    }
-    if (send_pending(app, o->buf, &o->plain_at, &o->plain_left, &moved) < 0)
-        return -1;
-    if (o->plain_left)
-        return moved;
-    if (o->ended && !o->shut) {  /* the gateway's END: the application's end of stream */
-        if (shutdown(app, SHUT_WR) < 0 && errno != ENOTCONN)
-            return -1;
-        o->shut = moved = 1;
-    }
-    return moved;
-}
-
-/* Pump a sealed flow until both directions have ended; consumes both sockets. A stream is never
- * cut silently: the application's end goes on as END then the link's FIN, the gateway's END as
- * the application's FIN, and any other end of the link (a TCP end without END, a record that
- * fails, data after END) resets both sockets. */
-static void pump_sealed(int app, struct flow *f, int paced)
-{
-    size_t span = buffer_span();
-    uint8_t *buffers = map_buffers(2);
-    struct sealing up = {buffers, 0, 0, 0, 0};
-    struct opening down = {buffers + span, 0, 0, 0, 0, 0, 0, 0};
-    struct watch w = {paced, 0, {0, 0}, 0};
-    const char *why = NULL;
-    int failed = !buffers, resident = 1;
-    fcntl(app, F_SETFL, fcntl(app, F_GETFL) | O_NONBLOCK);
-    fcntl(f->fd, F_SETFL, fcntl(f->fd, F_GETFL) | O_NONBLOCK);
-    while (!failed && !(up.shut && down.shut)) {
-        pace(&w);
-        int sealed = seal_step(&up, &f->up, app, f->fd);
-        int opened = sealed < 0 ? 0 : open_step(&down, &f->down, f->fd, app, &why);
-        if (sealed < 0 || opened < 0) {
-            failed = 1;
-            break;
-        }
-        if (sealed || opened) {
-            resident = 1;
-            continue;
-        }
-        struct pollfd p[2] = {{app, 0, 0}, {f->fd, 0, 0}};
-        if (!up.left && !up.ended)
-            p[0].events |= POLLIN;
-        if (down.plain_left)
-            p[0].events |= POLLOUT;
-        if (!down.plain_left && !down.link_ended)
-            p[1].events |= POLLIN;
-        if (up.left)
-            p[1].events |= POLLOUT;
-        int r = await_sockets(p, &w, resident ? IDLE_MS : -1);
-        if (r < 0) {
-            failed = 1;
-        } else if (r == 0) {  /* idle: give the pages back until bytes come */
-            if (!up.left)
-                madvise(up.record, span, MADV_DONTNEED);
-            if (!down.plain_left && down.start == down.end) {
-                down.start = down.end = 0;
-                madvise(down.buf, span, MADV_DONTNEED);
-            }
-            resident = 0;
-        }
-    }
-    if (why)
-        say("a flow's records from the gateway: %s (the flow is reset)", why);
-    unmap_buffers(buffers, 2);
-    end_flow(app, f->fd, failed);
-}
-
 /* ---- one redirected TCP connection, or one DNS-over-TCP connection ----------------- */
 
 struct job {
@@ -861,10 +433,10 @@ static void relay_tcp(struct job *j)
     set_linger(flow.fd, 1);  /* from here on our death resets the flow at the gateway too */
     tune(j->fd, 0);
     int paced = tune(flow.fd, 1) ? flow.fd : -1;
-    if (flow.mode == 'S')
-        pump_sealed(j->fd, &flow, paced);
-    else
-        pump(j->fd, flow.fd, paced);
+    why = flow.mode == 'S' ? pump_sealed(j->fd, flow.fd, &flow.up, &flow.down, paced, NULL)
+                           : (pump_plain(j->fd, flow.fd, paced, NULL), NULL);
+    if (why)
+        say("a flow's records from the gateway: %s (the flow is reset)", why);
     flow_end(&flow);
 }
 
@@ -1011,6 +583,10 @@ static void relay_udp_dns(struct job *j)
     } else {
         sendto(j->fd, answer + 2, (size_t)size - 2, MSG_NOSIGNAL, (struct sockaddr *)&j->peer, sizeof j->peer);
     }
+    /* Our end of the exchange, authenticated: a TCP end alone reads as a cut stream there. */
+    long end = record && flow.mode == 'S' ? record_seal(&flow.up, record, 0, RECORD_END) : -1;
+    if (end > 0)
+        send_all(flow.fd, record, (size_t)end);
     unmap_buffers(record, 2);
     close(flow.fd);
     flow_end(&flow);

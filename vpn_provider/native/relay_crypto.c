@@ -109,6 +109,15 @@ static int start_direction(struct record_direction *d, const uint8_t secret[RELA
     return key_direction(d);
 }
 
+int record_direction_resume(struct record_direction *d, const uint8_t secret[RELAY_SECRET], uint64_t number,
+                            int sealing)
+{
+    if (ready() < 0 || start_direction(d, secret, sealing) < 0)
+        return -1;
+    d->number = number;
+    return 0;
+}
+
 void record_direction_end(struct record_direction *d)
 {
     EVP_CIPHER_CTX_free(d->cipher);

@@ -48,6 +48,10 @@ int handshake_finish(struct client_handshake *hs, const uint8_t key[RELAY_SECRET
 void handshake_end(struct client_handshake *hs);
 
 void record_direction_end(struct record_direction *d);  /* frees it, forgets its secret */
+/* A direction that another implementation started (the gateway's Python handshake): its
+ * current traffic secret and the number of its next record. */
+int record_direction_resume(struct record_direction *d, const uint8_t secret[RELAY_SECRET], uint64_t number,
+                            int sealing);
 
 /* Seal the `length` bytes of plaintext at record + RECORD_HEADER in place: writes the header
  * before them and the tag after. Returns the record's size. */

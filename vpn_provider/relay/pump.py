@@ -1,5 +1,9 @@
 """Move a flow's bytes between two TCP sockets, both directions.
 
+Where vpn_provider/_relay_pump.so was built, a flow is pumped in C by the node helper's own code
+(native_pump.py), one thread per flow; what follows describes the Python pump, kept for installs
+without it, and the rules both keep.
+
 A sealed flow (the default) opens the node's records (records.py) one way and seals the
 destination's bytes the other way, 64 KiB at a time. A plain flow (the gateway's opt-out)
 splices: splice(2) moves pages from one socket's receive queue through a pipe into the other
@@ -24,6 +28,7 @@ import threading
 import time
 from typing import Callable
 
+from . import native_pump
 from .records import HEADER, MAX_PLAINTEXT, TAG, Opener, RecordError, Sealer, recv_exactly
 
 # Per pipe. Linux caps a user's pipe buffers at 64 MiB in all (fs.pipe-user-pages-soft) and
@@ -204,13 +209,17 @@ class Flow:
     """Both directions of one relayed connection; closes both sockets when both are done.
     ``link`` (one of the two, or None) is the socket to the node: its user timeout is paced.
     With ``session`` (sealed), ``a`` is the node's side: records come in and go out there.
-    ``moved``: bytes from a to b, and from b to a, so far (each written by one thread only)."""
+    ``moved``: bytes from a to b, and from b to a, so far (each written by one pump only).
+    ``native``: pump in C (native_pump.py) if it is there (None), always, or never.
+    ``fault``: once it ended, why the node's records were wrong, if they were (C pump only)."""
 
     def __init__(self, a: socket.socket, b: socket.socket, link: socket.socket | None = None,
-                 on_end: Callable[["Flow"], None] | None = None, session=None):
+                 on_end: Callable[["Flow"], None] | None = None, session=None, native: bool | None = None):
         self.a, self.b, self.link, self.on_end = a, b, link, on_end
         self.session = session
-        self.moved = [0, 0]
+        self.native = native_pump.available() if native is None else native
+        self.moved = native_pump.Counters() if self.native else [0, 0]
+        self.fault: str | None = None
         for s in (a, b):  # the caller should have done this at accept/connect already
             reset_on_close(s)
         self._lock = threading.Lock()
@@ -219,7 +228,10 @@ class Flow:
         self._window_shut = False
 
     def run(self) -> None:
-        """Pump until both directions end; the calling thread carries one of them."""
+        """Pump until both directions end; the calling thread carries one of them, or both."""
+        if self.native:
+            self._run_native()
+            return
         if self.link is not None and _USER_TIMEOUT:
             _watch.add(self)  # before any direction can end, and with it discard the flow
         try:
@@ -232,6 +244,16 @@ class Flow:
                 self.on_end(self)
             return
         self._direction(self.a, self.b, 0)
+
+    def _run_native(self) -> None:
+        paced = self.link.fileno() if self.link is not None and _USER_TIMEOUT else -1
+        if self.session is None:
+            native_pump.pump_plain(self.a, self.b, paced, self.moved)
+        else:
+            self.fault = native_pump.pump_sealed(self.a, self.b, self.session.sealer, self.session.opener, paced,
+                                                 self.moved)
+        if self.on_end:
+            self.on_end(self)
 
     def _direction(self, src: socket.socket, dst: socket.socket, way: int) -> None:
         try:

@@ -52,6 +52,11 @@ class _Direction:
         self._secret, self._number = traffic_secret, 0
         self._aead = AESGCM(_expand(traffic_secret, b"key", KEY))
 
+    def position(self) -> tuple[bytes, int]:
+        """The current traffic secret and the number of the next record: where another
+        implementation of this direction (native_pump.py) goes on from."""
+        return self._secret, self._number
+
     def _next_nonce(self) -> bytes:
         nonce = bytes(4) + self._number.to_bytes(8, "big")
         self._number += 1

@@ -28,6 +28,7 @@ from ..policy import Policy
 from .protocol import (CLIENT_HELLO, DEST_CONNECT_TIMEOUT, FIRST_BYTES_DEADLINE, HANDSHAKE_DEADLINE, MAGIC,
                        HandshakeError, Mode, Request, ServerHandshake, Status, Verb, check_magic, worker_name)
 from .records import MAX_PLAINTEXT
+from . import native_pump
 from .pump import Flow, close_cleanly, reset, reset_on_close, tune
 from .workers import WorkerTable, serve_status
 
@@ -284,6 +285,8 @@ def serve_request(client: socket.socket, peer: tuple, handshake: ServerHandshake
     flow = Flow(client, out, link=client, session=session)
     table.add_flow(node, worker, flow)
     flow.run()
+    if flow.fault:
+        quiet.warning("relay: records from %s: %s (the flow was reset)", _name(peer), flow.fault)
 
 
 def _send_status(client: socket.socket, handshake: ServerHandshake, status: Status) -> None:
@@ -338,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     table = WorkerTable()
     mode = Mode.PLAIN if args.plain else Mode.SEALED
     policy = Policy.from_args(args.allow, args.deny, tuple(args.own_port))
-    settings = {"encryption": "none (--plain-relay)" if args.plain else "AES-128-GCM", "policy": policy.describe()}
+    settings = {"encryption": "none (--plain-relay)" if args.plain else "AES-128-GCM", "policy": policy.describe(),
+                "pump": native_pump.describe()}
+    if not native_pump.available():
+        log.warning("relay: %s", settings["pump"])
     if args.status_socket:
         status_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         args.status_socket.unlink(missing_ok=True)
