@@ -220,7 +220,7 @@ class Bench:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
                 if comm not in comms:
                     continue
-                rollup = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+                rollup = _rollup(pid)
                 kb = lambda name: int(rollup[name].split()[0])
                 value = kb("Private_Clean") + kb("Private_Dirty") if field == "Private" else kb(field)
                 by_comm[comm] = by_comm.get(comm, 0) + value
@@ -259,6 +259,20 @@ class Bench:
         out["gateway_16_clients_mb"] = sum(by_comm.values()) / 1024
         out["gateway_16_clients_by_process_mb"] = {c: round(kb / 1024, 1) for c, kb in sorted(by_comm.items())}
         return out
+
+
+def _rollup(pid: int) -> dict[str, str]:
+    """/proc/PID/smaps_rollup's fields, read through a live thread: a process whose main thread
+    has ended (the node helper in tunnel mode, where only the keeper's thread goes on) shows
+    none through its own PID."""
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda t: t.name != str(pid)):
+        try:
+            lines = (task / "smaps_rollup").read_text().splitlines()[1:]
+        except ProcessLookupError:  # that thread has ended
+            continue
+        if lines:
+            return dict(ln.split(":", 1) for ln in lines)
+    return {}
 
 
 class CpuSampler:

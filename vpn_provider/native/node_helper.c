@@ -592,10 +592,27 @@ static void relay_udp_dns(struct job *j)
     flow_end(&flow);
 }
 
-/* Set when a job ends: serve gives the heap's free pages back once things are quiet (a burst
- * of handshakes leaves free memory the heap would otherwise keep for the job's life). */
+/* Set when a job ends, and when serving starts: serve gives memory back once things are quiet
+ * (give_back_memory). */
 static atomic_int jobs_ended;
 #define TRIM_AFTER_MS 1000
+
+/* Our code's pages, between __executable_start and etext: never written, so the kernel can
+ * drop them and read them again from the file when they are next run. */
+extern const char __executable_start[], etext[];
+
+/* A burst of handshakes, and the set-up before it, leave free heap the allocator would keep for
+ * the job's life; and start-up runs much of libcrypto once (and the kernel maps code in 64 KiB
+ * runs), which then stays mapped in every worker: 1.5 MB of code resident after start-up, 64 KiB
+ * once given back. Measured with 4 workers on a node: the helper's PSS 1.0 -> 0.66 MB. */
+void give_back_memory(void)
+{
+    malloc_trim(0);
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)__executable_start & ~(uintptr_t)(page - 1);
+    uintptr_t end = ((uintptr_t)etext + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+    madvise((void *)start, end - start, MADV_DONTNEED);
+}
 
 static void *run_job(void *arg)
 {
@@ -680,6 +697,7 @@ static void serve(struct pollfd *p, const char *roles, int n)
      * every other flow's start and every DNS query, until the next connection comes. */
     for (int i = 0; i < n; i++)
         fcntl(p[i].fd, F_SETFL, fcntl(p[i].fd, F_GETFL) | O_NONBLOCK);
+    atomic_store(&jobs_ended, 1);  /* the set-up's memory too */
     for (;;) {
         int r = poll(p, (nfds_t)n, atomic_load(&jobs_ended) ? TRIM_AFTER_MS : -1);
         if (r < 0) {
@@ -688,7 +706,7 @@ static void serve(struct pollfd *p, const char *roles, int n)
             return;
         }
         if (r == 0 && atomic_exchange(&jobs_ended, 0))
-            malloc_trim(0);
+            give_back_memory();
         for (int i = 0; i < n; i++) {
             if (!p[i].revents)
                 continue;

@@ -476,6 +476,7 @@ static void *keep(void *unused)
     close(k.ctl);
     free(buf);
     for (;;) {
+        give_back_memory();  /* the tunnel is up: we only wait now */
         int status = 0;
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
             ;

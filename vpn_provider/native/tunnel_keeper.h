@@ -15,6 +15,9 @@ void gateway_in_use(int index);
 struct sockaddr_in;
 int connect_with_timeout(int fd, const struct sockaddr_in *to, int timeout_ms);
 
+/* Provided by node_helper.c: give the set-up's memory back (free heap, code run once). */
+void give_back_memory(void);
+
 /* Between ms and 1.5 ms, at random: retries of many workers must not come in step. */
 long jittered(long ms);
 
