@@ -48,6 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>  /* OPENSSL_cleanse: glibc has explicit_bzero only from 2.25 */
+
 #include "flow_pump.h"
 #include "relay_crypto.h"
 #include "tunnel_keeper.h"
@@ -754,7 +756,7 @@ static int parse_setup(char *msg)
     }
     rc = 0;
 out:
-    explicit_bzero(hex, sizeof hex);
+    OPENSSL_cleanse(hex, sizeof hex);
     return rc;
 }
 
@@ -913,7 +915,7 @@ int main(void)
                 close(ctl);
             }
         }
-        explicit_bzero(msg, (size_t)n);  /* both set-up messages carry a secret */
+        OPENSSL_cleanse(msg, (size_t)n);  /* both set-up messages carry a secret */
     }
     /* Each message was wiped after use: wiping all 64 KiB would only make them resident. */
     close(CTL_FD);

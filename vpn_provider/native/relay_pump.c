@@ -14,7 +14,7 @@
 /* A sealed flow: `app` is the destination's socket, `link` the node's. The two directions go
  * on from where the Python handshake left them (its current secrets and record numbers).
  * 0 when no record was at fault, else -1 with the reason in `why`. */
-__attribute__((visibility("default"))) int vpnp_pump_sealed(int app, int link, const uint8_t send_secret[RELAY_SECRET], uint64_t send_number,
+int vpnp_pump_sealed(int app, int link, const uint8_t send_secret[RELAY_SECRET], uint64_t send_number,
                      const uint8_t receive_secret[RELAY_SECRET], uint64_t receive_number, int paced,
                      uint64_t moved[2], char *why, size_t why_size)
 {
@@ -36,7 +36,7 @@ __attribute__((visibility("default"))) int vpnp_pump_sealed(int app, int link, c
 }
 
 /* A plain flow (the gateway's opt-out): spliced both ways, moved[0] from `a` to `b`. */
-__attribute__((visibility("default"))) void vpnp_pump_plain(int a, int b, int paced, uint64_t moved[2])
+void vpnp_pump_plain(int a, int b, int paced, uint64_t moved[2])
 {
     pump_plain(a, b, paced, moved);
 }
