@@ -23,6 +23,7 @@ from parsl.launchers.base import Launcher  # noqa: E402
 from parsl.providers import LocalProvider, SlurmProvider  # noqa: E402
 
 from vpn_provider.parsl import VPNLauncher  # noqa: E402
+from vpn_provider.transport import Transport  # noqa: E402
 
 VP = str(Path(sys.executable).parent / "vpn-provider")
 
@@ -78,9 +79,12 @@ def test_init_is_typechecked():
 
 
 def test_tcp_transport_choice_reaches_the_exec_command():
-    assert "--tcp" not in VPNLauncher().wrap("w")  # the default: the relay
+    assert "--tcp" not in VPNLauncher().wrap("w")  # the default: chosen on the node
+    assert "--tcp" not in VPNLauncher(tcp="auto").wrap("w")
     assert "--tcp tunnel" in VPNLauncher(tcp="tunnel").wrap("w")
-    with pytest.raises(ValueError, match="tcp"):
+    assert "--tcp relay-only" in VPNLauncher(tcp=Transport.RELAY_ONLY).wrap("w")
+    assert "tcp='relay-only'" in repr(VPNLauncher(tcp=Transport.RELAY_ONLY))  # Parsl shows it so
+    with pytest.raises(ValueError, match="transport 'udp' is not one of auto, relay, tunnel, relay-only"):
         VPNLauncher(tcp="udp")
 
 

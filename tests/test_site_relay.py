@@ -143,7 +143,7 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
 
 def test_relay_only_needs_no_tun_device(site_env):
     """A node whose /dev/net/tun is 0600 cannot run the tunnel, but relay-only mode never opens
-    it. (Changes the machine's device mode for a moment: the suite runs one site at a time.)"""
+    it, and a plain exec takes it by itself. (Changes the machine's device mode for a moment: the suite runs one site at a time.)"""
     import os
     mode = os.stat("/dev/net/tun").st_mode & 0o777
     os.chmod("/dev/net/tun", 0o600)
@@ -151,8 +151,12 @@ def test_relay_only_needs_no_tun_device(site_env):
         only = site_env.exec_("curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{http_code}", f"{site_env.http_url}/",
                               extra=("--tcp", "relay-only"))
         assert only.returncode == 0 and only.stdout == "200", only.stderr
-        tunnel = site_env.exec_("true")
+        tunnel = site_env.exec_("true", extra=("--tcp", "relay"))
         assert tunnel.returncode == 125 and len(tunnel.stderr.splitlines()) == 1, tunnel.stderr
+        chosen = site_env.exec_("true")  # the transport left to exec: it takes what the node allows
+        assert chosen.returncode == 0, chosen.stderr
+        assert chosen.stderr == ("vpn-provider: transport relay-only (TCP and DNS only): "
+                                 "/dev/net/tun cannot be opened (Permission denied)\n")
     finally:
         os.chmod("/dev/net/tun", mode)
     assert site_env.leftovers() == set()

@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``vpn-provider exec`` starts fast on compute nodes)::
 
-    from vpn_provider import Gateway, GatewayConfig, Ticket, run, vpn_command, exec_in_vpn
+    from vpn_provider import Gateway, GatewayConfig, Ticket, Transport, run, vpn_command, exec_in_vpn
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ _EXPORTS = {
     "GatewayConfig": ".gateway.config",
     "Endpoint": ".ticket",
     "Ticket": ".ticket",
+    "Transport": ".transport",
     "run": ".worker.api",
     "vpn_command": ".worker.api",
     "exec_in_vpn": ".worker.tunnel",

@@ -17,6 +17,8 @@ from .gateway.supervisor import probe_pin
 from .relay.client import probe
 from .relay.protocol import Mode, relay_key
 from .ticket import Endpoint, Ticket
+from .transport import Transport
+from .worker.choice import decide
 from .worker.node_helper import helper_binary
 from .worker.tunnel import preload_library
 
@@ -56,7 +58,7 @@ def _namespaces() -> list[Finding]:
         err = os.strerror(code - 100) if code >= 100 else f"exit {code}"
         out.append(Finding("/dev/net/tun", FAIL, err,
                            "ask the site to make /dev/net/tun mode 0666 (the default on most distributions); "
-                           "until then `exec --tcp relay-only` (TCP and DNS only) needs no tun device"))
+                           "until then workers run relay-only (TCP and DNS only), which needs no tun device"))
     return out
 
 
@@ -69,8 +71,9 @@ def _binaries() -> list[Finding]:
             path = proc.find_tool(tool)
             out.append(Finding(f"binary {tool}", OK, f"{path} {proc.tool_version(tool)}".strip()))
         except MissingTool as e:
-            verdict = FAIL if tool == "openconnect" else WARN
-            out.append(Finding(f"binary {tool}", verdict, "not found", f"{e} (needed on {needed_on})"))
+            out.append(Finding(f"binary {tool}", WARN, "not found", f"{e} (needed on {needed_on}; without it "
+                               + ("workers run relay-only: TCP and DNS)" if tool == "openconnect"
+                                  else "a gateway there offers the relay alone)")))
     try:
         out.append(Finding("tun preload library", OK, preload_library()))
     except TunnelError as e:
@@ -82,7 +85,20 @@ def _binaries() -> list[Finding]:
     return out
 
 
+def _transports(ticket: Ticket) -> tuple[Finding, Transport]:
+    """What the gateway offers, and what a plain `exec` takes on this node (worker/choice.py)."""
+    offered = "the full-IP tunnel" + (" and the relay" if ticket.relay_port else "") if ticket.tunnel \
+        else "the relay alone (TCP and DNS)"
+    chosen, why = decide(ticket)
+    detail = f"the gateway offers {offered}; exec takes {chosen.value}" + (f" ({why})" if why else "")
+    verdict = WARN if chosen is Transport.RELAY_ONLY and ticket.tunnel else OK
+    return Finding("transports", verdict, detail,
+                   "install openconnect and allow /dev/net/tun for the full-IP tunnel" if verdict == WARN else ""), chosen
+
+
 def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
+    if not ticket.tunnel:  # nothing listens on the VPN port: the relay is all there is
+        return [f for ep in ticket.gateways for f in _relay(ticket, ep, timeout)]
     out, unreachable = [], []
     for ep in ticket.gateways:
         try:
@@ -136,7 +152,8 @@ except socket.gaierror as e:
 """
 
 
-def _tunnel(ticket_path: Path, timeout: float, dns_name: str) -> list[Finding]:
+def _tunnel(ticket_path: Path, timeout: float, dns_name: str, relay_only: bool) -> list[Finding]:
+    """A plain `exec` on this node, as a job would run it: does it come up, and resolve a name?"""
     with tempfile.NamedTemporaryFile(prefix="vpn-check-", suffix=".log") as log:
         argv = [sys.executable, "-m", "vpn_provider", "exec", "--ticket", str(ticket_path),
                 "--timeout", str(timeout), "--log-file", log.name, "--",
@@ -146,22 +163,26 @@ def _tunnel(ticket_path: Path, timeout: float, dns_name: str) -> list[Finding]:
         except subprocess.TimeoutExpired:
             return [Finding("tunnel", FAIL, f"no result within {timeout + 30:g} s")]
         oc_log = Path(log.name).read_text(errors="replace")
+    row, via = ("relay-only worker", "the relay") if relay_only else ("authentication + tunnel", "tunnel")
     if done.returncode == 125:
-        return [Finding("authentication + tunnel", FAIL, done.stderr.strip().removeprefix("vpn-provider: "))]
-    out = [Finding("authentication + tunnel", OK, "tunnel came up")]
-    if re.search(r"Established DTLS connection", oc_log):
+        return [Finding(row, FAIL, done.stderr.strip().splitlines()[-1].removeprefix("vpn-provider: "))]
+    out = [Finding(row, OK, "the relay answered" if relay_only else "tunnel came up")]
+    if relay_only:
+        pass  # no tunnel: no data channel to look at
+    elif re.search(r"Established DTLS connection", oc_log):
         out.append(Finding("UDP (DTLS data channel)", OK, "DTLS established"))
     else:
         out.append(Finding("UDP (DTLS data channel)", WARN, "DTLS did not come up; traffic uses TLS over TCP",
                            "allow UDP to the gateway's port for better throughput"))
     answer = done.stdout.strip()
     if done.returncode == 0:
-        out.append(Finding(f"DNS through tunnel ({dns_name})", OK, f"resolves to {answer}"))
+        out.append(Finding(f"DNS through {via} ({dns_name})", OK, f"resolves to {answer}"))
     elif done.returncode == 3:
-        out.append(Finding(f"DNS through tunnel ({dns_name})", OK, "resolver answered: no such name"))
+        out.append(Finding(f"DNS through {via} ({dns_name})", OK, "resolver answered: no such name"))
     else:
-        out.append(Finding(f"DNS through tunnel ({dns_name})", FAIL, answer or done.stderr.strip(),
-                           "check the gateway's --dns resolvers"))
+        out.append(Finding(f"DNS through {via} ({dns_name})", FAIL, answer or done.stderr.strip(),
+                           "check the gateway's --dns resolvers; on a site without Internet name a "
+                           "local host with --dns-name"))
     return out
 
 
@@ -174,10 +195,12 @@ def run_checks(ticket_path: Path, *, timeout: float = 15.0, dns_name: str = "cer
         findings.append(Finding("ticket", FAIL, e.problem, e.remedy))
         ticket = None
     if ticket:
+        transports, chosen = _transports(ticket)
         reach = _reachability(ticket, timeout)
-        findings += reach
-        if any(f.verdict == OK and f.item.startswith("pin") for f in reach):
-            findings += _tunnel(ticket_path, timeout, dns_name)
+        findings += [transports, *reach]
+        relay_only = chosen is Transport.RELAY_ONLY
+        if any(f.verdict == OK and f.item.startswith("pin" if not relay_only else "TCP relay") for f in reach):
+            findings += _tunnel(ticket_path, timeout, dns_name, relay_only)
     width = max(len(f.item) for f in findings)
     for f in findings:
         line = f"{f.item:<{width}}  {f.verdict:<4}  {f.detail}"

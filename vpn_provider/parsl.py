@@ -18,7 +18,7 @@ import typeguard
 from parsl.launchers import SingleNodeLauncher
 from parsl.launchers.base import Launcher
 
-from .relay import TCP_TRANSPORTS
+from .transport import Transport, name
 from .worker import DEFAULT_RECONNECT_TIMEOUT
 from .worker.command import exec_command_text
 
@@ -37,9 +37,10 @@ class VPNLauncher(Launcher):
     executable:
         How compute nodes find vpn-provider (default: on PATH, e.g. after ``worker_init``).
     tcp:
-        ``"relay"`` (default): TCP through the gateway's relay, at the link's speed;
-        ``"tunnel"``: all traffic in the encrypted tunnel;
-        ``"relay-only"``: no tunnel, only TCP and DNS, through the relay (smallest per worker).
+        The transport (a ``Transport`` or its name); ``None`` or ``"auto"`` (default): the best
+        each node and the gateway allow, chosen on the node: ``"relay"`` (the full-IP tunnel,
+        TCP through the relay at the link's speed), else ``"relay-only"`` (no tunnel, only TCP
+        and DNS, through the relay; smallest per worker). ``"tunnel"``: all traffic in the tunnel.
     reconnect_timeout:
         Seconds a running worker waits for a gateway to take its tunnel back after it went away,
         before the worker gets SIGTERM (default 600; 0: wait forever).
@@ -47,16 +48,15 @@ class VPNLauncher(Launcher):
 
     @typeguard.typechecked
     def __init__(self, launcher: Optional[Launcher] = None, ticket: Union[str, os.PathLike] = "~/.vpn/ticket.json",
-                 timeout: float = 15.0, executable: str = "vpn-provider", tcp: str = "relay",
+                 timeout: float = 15.0, executable: str = "vpn-provider",
+                 tcp: Union[str, Transport, None] = None,
                  reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT, debug: bool = True):
         super().__init__(debug=debug)
-        if tcp not in TCP_TRANSPORTS:
-            raise ValueError(f"tcp must be one of {', '.join(TCP_TRANSPORTS)}, not {tcp!r}")
         self.launcher = launcher if launcher is not None else SingleNodeLauncher(debug=debug)
         self.ticket = ticket
         self.timeout = timeout
         self.executable = executable
-        self.tcp = tcp
+        self.tcp = name(Transport.parse(tcp))  # its name: Parsl shows launchers by their arguments
         if not 0 <= reconnect_timeout < float("inf"):
             raise ValueError(f"reconnect_timeout must be >= 0 (0: forever), not {reconnect_timeout!r}")
         self.reconnect_timeout = reconnect_timeout
@@ -64,7 +64,7 @@ class VPNLauncher(Launcher):
     def wrap(self, command: str) -> str:
         """The worker command as it runs inside the VPN."""
         prefix = [self.executable, "exec", "--ticket", os.fspath(self.ticket), "--timeout", f"{self.timeout:g}"]
-        if self.tcp != "relay":
+        if Transport.parse(self.tcp):
             prefix += ["--tcp", self.tcp]
         if self.reconnect_timeout != DEFAULT_RECONNECT_TIMEOUT:
             prefix += ["--reconnect-timeout", f"{self.reconnect_timeout:g}"]

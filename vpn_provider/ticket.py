@@ -65,6 +65,9 @@ class Ticket:
     version: int = TICKET_VERSION
     #: TCP port of the gateway's relay on the same hosts as ``gateways``; 0: no relay.
     relay_port: int = 0
+    #: Whether the gateway offers the full-IP tunnel (False: it runs the relay alone, and
+    #: ``gateways`` name the hosts its relay listens on).
+    tunnel: bool = True
 
     def __post_init__(self) -> None:
         if not self.gateways:
@@ -81,6 +84,8 @@ class Ticket:
             raise ValueError("'secret' must be a single line of at least 16 printable characters")
         if not 0 <= self.relay_port < 65536:
             raise ValueError(f"'relay_port' {_brief(self.relay_port)} is not a port number")
+        if not self.tunnel and not self.relay_port:
+            raise ValueError("the gateway offers neither a tunnel nor a relay")
         if self.version != TICKET_VERSION:
             raise ValueError(f"version {_brief(self.version)} is not supported (expected {TICKET_VERSION})")
 
@@ -91,7 +96,7 @@ class Ticket:
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "gateways": [str(g) for g in self.gateways],
                            "pin": self.pin, "user": self.user, "secret": self.secret,
-                           "relay_port": self.relay_port}, indent=2) + "\n"
+                           "relay_port": self.relay_port, "tunnel": self.tunnel}, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "<string>") -> "Ticket":
@@ -119,9 +124,12 @@ class Ticket:
             for key in ("relay_port", "version"):
                 if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
                     raise ValueError(f"'{key}' must be an integer")
+            if not isinstance(data.get("tunnel", True), bool):
+                raise ValueError("'tunnel' must be true or false")
             return cls(gateways=tuple(Endpoint.parse(g) for g in gateways), pin=data["pin"],
                        user=data["user"], secret=data["secret"],
-                       version=data.get("version", TICKET_VERSION), relay_port=data.get("relay_port", 0))
+                       version=data.get("version", TICKET_VERSION), relay_port=data.get("relay_port", 0),
+                       tunnel=data.get("tunnel", True))
         except (ValueError, TypeError) as e:
             raise TicketError(source, str(e)) from None
 

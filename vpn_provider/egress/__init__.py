@@ -29,6 +29,9 @@ def select(name: str) -> type[Egress]:
     for backend in order:
         ok, why = backend.is_supported()
         if ok:
+            if backend is Pasta and not Pasta.is_fast():
+                log.warning("egress pasta (%s): this pasta release is slow (about 55 Mbit/s through the "
+                            "tunnel, measured); install slirp4netns for the tunnel's full speed", reasons[0])
             return backend
         log.info("egress %s rejected: %s", backend.name, why)
         reasons.append(why)

@@ -42,6 +42,9 @@ class GatewayConfig:
     advertise: tuple[Endpoint, ...] = ()  # empty: every non-loopback address of this host
     mtu: int = 1400
     relay: bool = True  # the TCP relay beside the tunnel (see vpn_provider.relay)
+    #: The full-IP tunnel (ocserv and an egress): None offers it where this host has both, and
+    #: runs the relay alone where not; False never offers it (--no-tunnel).
+    tunnel: bool | None = None
     relay_port: int = 0  # 0: the listen port + 1
     #: Shared by every gateway that should be in one ticket (see registry.py); None: state_dir.
     credentials_dir: Path | None = None
@@ -66,6 +69,8 @@ class GatewayConfig:
             raise ValueError(f"--mtu {self.mtu}: outside 576..9000")
         if not 0 <= self.relay_port < 65536:
             raise ValueError(f"--relay-port {self.relay_port}: not a port number")
+        if self.tunnel is False and not self.relay:
+            raise ValueError("--no-tunnel with --no-relay: the gateway would offer workers nothing")
         if self.relay and self.relay_endpoint.port == self.listen.port:
             raise ValueError(f"--relay-port {self.relay_port}: must differ from the listen port")
         try:
@@ -128,6 +133,8 @@ class GatewayConfig:
             args += ["--credentials", str(self.credentials_dir)]
         if self.plain_relay:
             args.append("--plain-relay")
+        if self.tunnel is False:
+            args.append("--no-tunnel")
         return args + self.policy.cli_args()
 
 

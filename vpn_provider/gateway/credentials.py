@@ -203,20 +203,29 @@ def _make_ca_and_server(state: Path, names: list[str]) -> None:
 
 
 def _make_client_secret(state: Path) -> None:
-    secret = secrets.token_urlsafe(32)
+    write_file(state / "client-secret", secrets.token_urlsafe(32).encode())
+
+
+def _make_password_file(state: Path) -> None:
+    """ocserv's password file for the ticket's secret (only a gateway with a tunnel needs it)."""
+    secret = read_file(state / "client-secret", private=True).decode().strip()
     # openssl reads the secret on stdin, so it never appears in argv.
     hashed = proc.run(["openssl", "passwd", "-6", "-stdin"], stdin=secret + "\n").stdout.strip()
-    write_file(state / "client-secret", secret.encode())
     write_file(state / "ocpasswd", f"{CLIENT_USER}:*:{hashed}\n".encode())
 
 
-def ensure_credentials(state: Path, names: list[str]) -> Credentials:
-    """Create what is missing; keep what exists, so tickets already handed out stay valid."""
+def ensure_credentials(state: Path, names: list[str], *, tunnel: bool = True) -> Credentials:
+    """Create what is missing; keep what exists, so tickets already handed out stay valid.
+    The certificate (its pin is in the ticket) comes from `cryptography`; only the tunnel's
+    password file needs a tool (openssl) on this host."""
     check_existing(state)
     if not (state / "server.pem").exists() or not (state / "server-key.pem").exists():
         _make_ca_and_server(state, names or ["vpn-provider-gateway"])
-    if not (state / "client-secret").exists() or not (state / "ocpasswd").exists():
+    if not (state / "client-secret").exists():
+        (state / "ocpasswd").unlink(missing_ok=True)  # it would name an old secret
         _make_client_secret(state)
+    if tunnel and not (state / "ocpasswd").exists():
+        _make_password_file(state)
     return Credentials(server_cert=state / "server.pem", server_key=state / "server-key.pem",
                        passwd_file=state / "ocpasswd", user=CLIENT_USER,
                        secret=read_file(state / "client-secret", private=True).decode().strip(),

@@ -40,6 +40,8 @@ class WorkerStatus:
 
 
 def _tunnel_sessions(cfg: GatewayConfig) -> list[dict]:
+    if not (cfg.run_dir / "occtl.sock").exists():  # the relay alone: no ocserv, no sessions
+        return []
     # LC_ALL=C: we parse what occtl says, whatever the operator's locale.
     out = proc.run(["env", "LC_ALL=C", proc.find_tool("occtl"), "--socket-file", str(cfg.run_dir / "occtl.sock"),
                     "--json", "show", "users"], timeout=10).stdout

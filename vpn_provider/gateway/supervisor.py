@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .. import egress, linux, proc
-from ..errors import GatewayError, VPNError
+from ..errors import GatewayError, MissingTool, VPNError
 from ..ticket import Endpoint, Ticket
 from . import forward_policy, ocserv_conf, registry
 from .config import SLIRP_NETWORK, TUNNEL_IPV6_POOL, GatewayConfig, host_resolvers
@@ -100,6 +100,32 @@ def _check_port_free(listen: Endpoint) -> None:
             raise GatewayError(f"cannot listen on {listen} (TCP): {e.strerror}", "choose --listen HOST:PORT") from None
 
 
+def why_relay_alone(cfg: GatewayConfig) -> str:
+    """Why this gateway offers no tunnel ("" if it does): --no-tunnel, or ocserv, openssl (it
+    hashes the tunnel's password) or every egress missing on this host, unless --egress named
+    one (then its absence is an error)."""
+    if cfg.tunnel is False:
+        return "started with --no-tunnel"
+    missing = [tool for tool in ("ocserv", "occtl", "openssl") if not _installed(tool)]
+    if missing:
+        why = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed on this host"
+    elif cfg.egress == "auto" and not any(b.is_supported()[0] for b in egress.BACKENDS.values()):
+        why = "neither slirp4netns nor pasta is installed on this host"
+    else:
+        return ""
+    if cfg.tunnel:
+        raise GatewayError(f"no tunnel: {why}")
+    return why
+
+
+def _installed(tool: str) -> bool:
+    try:
+        proc.find_tool(tool)
+    except MissingTool:
+        return False
+    return True
+
+
 def _wait_accepting(cfg: GatewayConfig, pin: str, alive, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -123,12 +149,15 @@ class Supervisor:
         self.ns: GatewayNamespace | None = None
         self.egress: egress.Egress | None = None
         self.relay: RelayProcess | None = None
+        self.relay_alone = ""  # why the gateway offers no tunnel, once bring_up decided
         self._stop = False
 
     def bring_up(self) -> Ticket:
         cfg = self.cfg
+        self.relay_alone = why_relay_alone(cfg)
         # Busy ports first, so they fail at once rather than once ocserv and the egress are up.
-        _check_port_free(cfg.listen)
+        if not self.relay_alone:
+            _check_port_free(cfg.listen)
         if cfg.relay:
             self.relay = RelayProcess(cfg.relay_endpoint, cfg.state_dir / "relay.log",
                                       status_socket=cfg.run_dir / RELAY_STATUS_SOCKET)
@@ -138,7 +167,36 @@ class Supervisor:
         relay_port = cfg.relay_endpoint.port if cfg.relay else 0
         with registry.locked(cfg.credentials):  # another gateway may be creating them right now
             registry.others(cfg.credentials, registry.entry_name(cfg.state_dir), relay_port)  # fail fast
-            creds = ensure_credentials(cfg.credentials, [e.host for e in endpoints])
+            creds = ensure_credentials(cfg.credentials, [e.host for e in endpoints], tunnel=not self.relay_alone)
+        if self.relay_alone:
+            log.warning("the relay alone (TCP and DNS, no tunnel): %s", self.relay_alone)
+            (cfg.run_dir / "occtl.sock").unlink(missing_ok=True)  # a tunnel's, from an earlier run
+        else:
+            self._start_tunnel(creds, hosts)
+        if self.relay:
+            # The relay runs in this host's network, so this host's resolvers serve its DNS
+            # streams (relay-only workers), loopback ones included.
+            relay_resolvers = cfg.dns or tuple(host_resolvers(loopback=True))
+            if not relay_resolvers:
+                log.warning("no IPv4 resolver in /etc/resolv.conf: relay-only workers cannot "
+                            "resolve names; pass --dns IP")
+            self.relay.start(creds.secret, relay_resolvers, plain=cfg.plain_relay, policy=cfg.policy)
+            if cfg.plain_relay:
+                log.warning("the relay carries workers' flows UNENCRYPTED (--plain-relay)")
+        if not self.relay_alone:
+            _wait_accepting(cfg, creds.pin, self._ocserv_alive)
+        with registry.locked(cfg.credentials):
+            every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)
+            ticket = Ticket(gateways=every_gateway, pin=creds.pin, user=creds.user, secret=creds.secret,
+                            relay_port=relay_port, tunnel=not self.relay_alone)
+            ticket.save(cfg.ticket_path)
+        log.info("gateway up on %s (%s)", cfg.listen,
+                 "the relay alone" if self.relay_alone else f"egress {self.egress.name}")
+        return ticket
+
+    def _start_tunnel(self, creds, hosts: list[str]) -> None:
+        """ocserv in its namespace, and the egress that gives the namespace the Internet."""
+        cfg = self.cfg
         backend = egress.select(cfg.egress)
         dns = cfg.dns or tuple(host_resolvers()) or (
             (backend.dns_forwarder,) if backend.dns_forwarder else ())
@@ -165,24 +223,7 @@ class Supervisor:
         extra = self.egress.start(target_pid=self.ns.pid, forwards=egress.listen_forwards(cfg.listen, hosts),
                                   ipv6=ipv6)
         self.ns.release(extra)
-        if self.relay:
-            # The relay runs in this host's network, so this host's resolvers serve its DNS
-            # streams (relay-only workers), loopback ones included.
-            relay_resolvers = cfg.dns or tuple(host_resolvers(loopback=True))
-            if not relay_resolvers:
-                log.warning("no IPv4 resolver in /etc/resolv.conf: relay-only workers cannot "
-                            "resolve names; pass --dns IP")
-            self.relay.start(creds.secret, relay_resolvers, plain=cfg.plain_relay, policy=cfg.policy)
-            if cfg.plain_relay:
-                log.warning("the relay carries workers' flows UNENCRYPTED (--plain-relay)")
-        _wait_accepting(cfg, creds.pin, self._ocserv_alive)
-        with registry.locked(cfg.credentials):
-            every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)
-            ticket = Ticket(gateways=every_gateway, pin=creds.pin, user=creds.user, secret=creds.secret,
-                            relay_port=relay_port)
-            ticket.save(cfg.ticket_path)
-        log.info("gateway up on %s (egress %s, dns %s)", cfg.listen, backend.name, ",".join(dns))
-        return ticket
+        log.info("tunnel: egress %s, dns %s", backend.name, ",".join(dns))
 
     def _ocserv_alive(self) -> bool:
         if not self.ns or not self.ns.pid:
@@ -197,7 +238,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         while not self._stop:
-            if not self._ocserv_alive():
+            if self.ns and not self._ocserv_alive():
                 log.error("ocserv exited; stopping the gateway")
                 return 1
             if self.relay and not self.relay.alive():
@@ -250,7 +291,7 @@ def run(cfg: GatewayConfig, ready_fd: int | None = None) -> int:
         ticket = sup.bring_up()
         write_file(pidfile, f"{os.getpid()}\n".encode())
         ready.send("READY " + json.dumps({"gateways": [str(g) for g in ticket.gateways],
-                                          "ticket": str(cfg.ticket_path)}))
+                                          "ticket": str(cfg.ticket_path), "relay_alone": sup.relay_alone}))
         return sup.serve()
     except VPNError as e:
         ready.send(f"ERROR {e}")

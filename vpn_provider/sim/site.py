@@ -149,21 +149,33 @@ class Site:
     def as_root(self, host: Host, argv: list[str]) -> list[str]:
         return self.cpu.wrap(host.ns, ["ip", "netns", "exec", host.ns, *argv])
 
-    def as_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
-        """argv that runs ``argv`` on ``host`` as the site's unprivileged user, clean environment."""
+    def as_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None,
+                hide: tuple[str, ...] = ()) -> list[str]:
+        """argv that runs ``argv`` on ``host`` as the site's unprivileged user, clean environment.
+        ``hide``: programs this command and its children do not find, as on a host where they
+        are not installed (/dev/null bound over every copy, in the mount namespace that
+        `ip netns exec` gives each command)."""
         base = {"HOME": str(self.home), "USER": self.user, "LOGNAME": self.user,
                 "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8"}
         base.update(env or {})
-        return self.as_root(host, ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
-                                   "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv])
+        user = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
+                "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv]
+        if hide:
+            dirs = dict.fromkeys((*base["PATH"].split(":"), "/usr/sbin", "/sbin", "/usr/bin", "/bin"))
+            copies = [os.path.join(d, tool) for tool in hide for d in dirs if os.path.exists(os.path.join(d, tool))]
+            script = "".join(f"mount --bind /dev/null '{path}' && " for path in copies) + 'exec "$@"'
+            user = ["sh", "-c", script, "sh", *user]
+        return self.as_root(host, user)
 
     def run_user(self, host: Host, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        return subprocess.run(self.as_user(host, argv, kw.pop("env", None)), timeout=timeout, **kw)
+        command = self.as_user(host, argv, kw.pop("env", None), kw.pop("hide", ()))
+        return subprocess.run(command, timeout=timeout, **kw)
 
-    def popen_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.as_user(host, argv, env), **kw)
+    def popen_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None,
+                   hide: tuple[str, ...] = (), **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.as_user(host, argv, env, hide), **kw)
 
     def start_service(self, host: Host, argv: list[str], log_name: str) -> subprocess.Popen:
         log = open(self.workdir / f"{log_name}.log", "ab")

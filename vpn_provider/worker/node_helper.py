@@ -24,21 +24,17 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 
 from .. import linux
 from ..errors import TunnelError
 from ..ticket import MAX_GATEWAYS, Endpoint
+from . import HELPER_BINARY, NATIVE_REMEDY
 
 _CTL_FD = 3
-BINARY = Path(__file__).resolve().parent.parent / "_node_helper"
-
-
 def helper_binary() -> str:
-    if not os.access(BINARY, os.X_OK):
-        raise TunnelError("the node helper vpn_provider/_node_helper is missing",
-                          "reinstall vpn-provider (needs a C compiler)")
-    return str(BINARY)
+    if not os.access(HELPER_BINARY, os.X_OK):
+        raise TunnelError(f"the node helper {HELPER_BINARY} is missing", NATIVE_REMEDY)
+    return str(HELPER_BINARY)
 
 
 @dataclasses.dataclass(frozen=True)

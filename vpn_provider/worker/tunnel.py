@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import ipaddress
 import logging
 import os
@@ -33,10 +32,11 @@ from typing import NoReturn
 
 from .. import linux, proc
 from ..errors import TunnelError
-from ..relay import TCP_TRANSPORTS
+from ..transport import Transport
 from ..relay.protocol import relay_key, worker_name
 from ..ticket import Endpoint, Ticket
-from . import DEFAULT_RECONNECT_TIMEOUT, netconfig, vpnc_env
+from . import DEFAULT_RECONNECT_TIMEOUT, NATIVE_REMEDY, PRELOAD_LIBRARY, netconfig, vpnc_env
+from .choice import choose
 from .diagnose import classify
 from .redirect import install_redirect, remove_redirect
 from .node_helper import KeeperSpec, NodeHelper
@@ -53,10 +53,9 @@ _SCRIPT = "case \"$reason\" in connect) env -0 >&3; printf 'VPNP_REPORT_END=1\\0
 
 
 def preload_library() -> str:
-    spec = importlib.util.find_spec("vpn_provider._tunfd_preload")
-    if spec is None or not spec.origin:
-        raise TunnelError("the tun preload library is missing", "reinstall vpn-provider (needs a C compiler)")
-    return spec.origin
+    if not PRELOAD_LIBRARY.exists():
+        raise TunnelError(f"the tun preload library {PRELOAD_LIBRARY} is missing", NATIVE_REMEDY)
+    return str(PRELOAD_LIBRARY)
 
 
 def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float, *, spread: float = 0.05) -> Endpoint | None:
@@ -105,9 +104,10 @@ def _first_then_rest(first: Endpoint, endpoints: tuple[Endpoint, ...]) -> tuple[
 
 class Tunnel:
     def __init__(self, ticket: Ticket, *, timeout: float = 15.0, log_file: Path | None = None,
-                 tcp: str = "relay", reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT):
-        if tcp not in TCP_TRANSPORTS:
-            raise ValueError(f"tcp transport must be one of {', '.join(TCP_TRANSPORTS)}")
+                 tcp: Transport = Transport.RELAY, reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT):
+        if tcp.needs_tunnel and not ticket.tunnel:
+            raise TunnelError(f"--tcp {tcp.value}: the gateway offers no tunnel (it runs the relay alone)",
+                              "leave --tcp out, or pass --tcp relay-only")
         if reconnect_timeout < 0:
             raise ValueError("reconnect_timeout must be >= 0 (0: never give up)")
         self.ticket = ticket
@@ -133,7 +133,7 @@ class Tunnel:
         The time-out counts from ``started`` (a ``time.monotonic()`` value; default: now).
         """
         deadline = (time.monotonic() if started is None else started) + self.timeout
-        if self.tcp == "relay-only":
+        if self.tcp is Transport.RELAY_ONLY:
             self._establish_relay_only(deadline)
             return None
         shim = preload_library()
@@ -141,9 +141,9 @@ class Tunnel:
         chosen = pick_endpoint(self.ticket.gateways, max(0.1, deadline - time.monotonic() - 1.0))
         self.endpoint = chosen or self.ticket.gateways[0]  # none answered: openconnect says why
         gateways = _first_then_rest(self.endpoint, self.ticket.gateways)
-        relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp == "relay" else None
+        relay_endpoint = self.ticket.relay(self.endpoint) if self.tcp is Transport.RELAY else None
         spec = KeeperSpec(openconnect_argv=tuple(argv), gateways=gateways,
-                          secret=self.ticket.secret, tcp_mode=self.tcp, give_up_after=self.reconnect_timeout,
+                          secret=self.ticket.secret, tcp_mode=self.tcp.value, give_up_after=self.reconnect_timeout,
                           attempt_timeout=self.timeout, log_is_scratch=self.log_file is None, preload=shim,
                           worker=worker_name(os.getpid()))  # CMD keeps our pid
         # Forked first, before any descriptor below exists, so it holds none of them open.
@@ -170,7 +170,7 @@ class Tunnel:
             finally:
                 os.close(log_fd)
             netconfig.configure_links(params)
-            if self.tcp == "tunnel":
+            if self.tcp is Transport.TUNNEL:
                 netconfig.refuse_ipv6_tcp()
             netconfig.install_resolv_conf(netconfig.resolv_conf_text(params))
             if relay_endpoint:
@@ -357,19 +357,20 @@ def process_start_monotonic() -> float:
 
 def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None = None,
                 timeout: float = 15.0, log_file: Path | None = None,
-                started: float | None = None, tcp: str = "relay",
+                started: float | None = None, tcp: Transport | None = None,
                 reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT) -> NoReturn:
     """Replace this process with ``argv`` (plus ``env`` in its environment) running inside the
     VPN. Raises TunnelError if the tunnel cannot be set up; never returns otherwise.
     ``started``: the ``time.monotonic()`` the time-out counts from (default: now).
-    ``tcp``: "relay" sends TCP through the gateway's relay when it has one, "tunnel" keeps all
-    traffic in the encrypted tunnel, "relay-only" runs no tunnel.
+    ``tcp``: the transport (transport.py); None chooses the best this node and gateway allow
+    (worker/choice.py).
     ``reconnect_timeout``: seconds without a tunnel, after the gateway went away, before CMD gets
     SIGTERM (0: wait for a gateway forever)."""
     if not shutil.which(argv[0], path=(env or {}).get("PATH")):
         raise TunnelError(f"command not found: {argv[0]}")
     restore_core_dumps = linux.suspend_core_dumps()  # we hold the secret until CMD replaces us
-    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file, tcp=tcp, reconnect_timeout=reconnect_timeout)
+    tunnel = Tunnel(ticket, timeout=timeout, log_file=log_file, tcp=tcp or choose(ticket),
+                    reconnect_timeout=reconnect_timeout)
     tunnel.establish(started=started)
     os.environ.update(env or {})  # after establish: the helper must not see CMD's settings
     linux.restore_default_signals()

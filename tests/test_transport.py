@@ -1,0 +1,90 @@
+"""Pure tests: the transport as one typed value, and the choice a plain `exec` makes on a node."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from vpn_provider import proc
+from vpn_provider.errors import TicketError, TunnelError
+from vpn_provider.gateway.config import GatewayConfig
+from vpn_provider.ticket import Endpoint, Ticket
+from vpn_provider.transport import CHOICES, Transport
+from vpn_provider.worker import api, choice
+from vpn_provider.worker.tunnel import Tunnel
+
+PIN = "pin-sha256:" + "x" * 43 + "="
+
+
+def ticket(**kw) -> Ticket:
+    base = dict(gateways=(Endpoint("10.0.0.1", 8443),), pin=PIN, user="worker", secret="s" * 32, relay_port=8444)
+    base.update(kw)
+    return Ticket(**base)
+
+
+def test_a_transport_is_parsed_in_one_place():
+    assert CHOICES == ("auto", "relay", "tunnel", "relay-only")
+    assert Transport.parse(None) is None and Transport.parse("auto") is None
+    assert Transport.parse("relay-only") is Transport.RELAY_ONLY
+    assert Transport.parse(Transport.TUNNEL) is Transport.TUNNEL
+    for bad in ("udp", "", "Relay", 3):
+        with pytest.raises(ValueError, match="is not one of auto, relay, tunnel, relay-only"):
+            Transport.parse(bad)
+
+
+def test_vpn_command_checks_the_transport_and_leaves_the_ticket_path_to_the_node():
+    argv = api.vpn_command("~/.vpn/ticket.json", ["true"])
+    assert argv[:3] == [sys.executable, "-m", "vpn_provider"]
+    assert argv[argv.index("--ticket") + 1] == "~/.vpn/ticket.json"  # exec expands it where it runs
+    assert argv[argv.index("--tcp") + 1] == "auto"
+    assert api.vpn_command("t.json", ["true"], tcp=Transport.TUNNEL)[argv.index("--tcp") + 1] == "tunnel"
+    with pytest.raises(ValueError, match="transport 'udp'"):
+        api.vpn_command("t.json", ["true"], tcp="udp")
+
+
+def test_a_ticket_says_whether_the_gateway_offers_the_tunnel(tmp_path):
+    alone = ticket(tunnel=False)
+    assert json.loads(alone.to_json())["tunnel"] is False
+    assert Ticket.from_json(alone.to_json()) == alone
+    older = json.loads(ticket().to_json())
+    del older["tunnel"]  # tickets written before the field: their gateways all had the tunnel
+    assert Ticket.from_json(json.dumps(older)).tunnel is True
+    with pytest.raises(TicketError, match="'tunnel' must be true or false"):
+        Ticket.from_json(json.dumps({**older, "tunnel": "no"}))
+    with pytest.raises(ValueError, match="neither a tunnel nor a relay"):
+        ticket(tunnel=False, relay_port=0)
+
+
+def test_a_gateway_without_the_tunnel_gets_relay_only_workers():
+    assert choice.decide(ticket(tunnel=False)) == (Transport.RELAY_ONLY,
+                                                   "the gateway offers no tunnel (it runs the relay alone)")
+    with pytest.raises(TunnelError, match="--tcp tunnel: the gateway offers no tunnel") as e:
+        Tunnel(ticket(tunnel=False), tcp=Transport.TUNNEL)
+    assert "--tcp relay-only" in e.value.remedy
+
+
+def test_a_node_without_openconnect_gets_relay_only_workers(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no openconnect on this "node"
+    monkeypatch.setattr(proc, "_EXTRA_PATH", ())
+    transport, why = choice.decide(ticket())
+    assert (transport, why) == (Transport.RELAY_ONLY, "openconnect is not installed on this node")
+    # with no relay in the ticket there is nothing else: the tunnel's own error names what is missing
+    assert choice.decide(ticket(relay_port=0))[0] is Transport.RELAY
+
+
+@pytest.mark.skipif(not os.access("/dev/net/tun", os.R_OK | os.W_OK), reason="this machine's /dev/net/tun is not open to us")
+def test_a_node_with_everything_gets_the_tunnel_and_the_relay():
+    try:
+        proc.find_tool("openconnect")
+    except Exception:
+        pytest.skip("openconnect is not installed here (scripts/setup installs it)")
+    assert choice.decide(ticket()) == (Transport.RELAY, "")
+
+
+def test_a_gateway_config_that_offers_nothing_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--no-tunnel with --no-relay"):
+        GatewayConfig(state_dir=tmp_path, tunnel=False, relay=False)
+    assert "--no-tunnel" in GatewayConfig(state_dir=tmp_path, tunnel=False).cli_args()
+    assert "--no-tunnel" not in GatewayConfig(state_dir=tmp_path).cli_args()
