@@ -558,11 +558,11 @@ def test_missing_helper_is_a_one_line_error_naming_the_remedy(monkeypatch, tmp_p
     from vpn_provider.errors import TunnelError
     from vpn_provider.ticket import Endpoint
     from vpn_provider.worker import node_helper
-    monkeypatch.setattr(node_helper, "BINARY", tmp_path / "no-such-helper")
+    monkeypatch.setattr(node_helper, "HELPER_BINARY", tmp_path / "no-such-helper")
     for relay in (Endpoint("127.0.0.1", 9), None):
         with pytest.raises(TunnelError) as caught:
             node_helper.NodeHelper(relay, relay_key("s" * 32) if relay else None)
-        assert "node helper" in str(caught.value) and "reinstall" in str(caught.value)
+        assert "node helper" in str(caught.value) and "install vpn-provider from its wheel" in str(caught.value)
         assert "\n" not in str(caught.value)
 
 
