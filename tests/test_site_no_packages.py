@@ -38,8 +38,8 @@ def test_a_gateway_without_ocserv_or_an_egress_runs_the_relay_alone(site_env):
 
         forced = site_env.exec_("true", ticket=ticket, extra=("--tcp", "tunnel"))
         assert forced.returncode == 125
-        assert forced.stderr.strip().splitlines()[0] == ("vpn-provider: --tcp tunnel: the gateway offers no tunnel "
-                                                         "(it runs the relay alone)")
+        assert forced.stderr == ("vpn-provider: VPN tunnel failed: --tcp tunnel: the gateway offers no tunnel "
+                                 "(it runs the relay alone); leave --tcp out, or pass --tcp relay-only\n")
 
         check = site_env.vp(site_env.node, "check", "--ticket", str(ticket), "--dns-name", "www.sim.test",
                             timeout=90, hide=NODE_LACKS)
