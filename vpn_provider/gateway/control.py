@@ -56,7 +56,7 @@ class Gateway:
                 [sys.executable, "-m", "vpn_provider", "gateway", "run", *self.config.cli_args(),
                  "--ready-fd", str(ready_w)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_w,),
-                start_new_session=True)
+                start_new_session=True, cwd="/")  # -m puts the cwd on sys.path: a checkout there would win
         finally:
             os.close(log)
             os.close(ready_w)

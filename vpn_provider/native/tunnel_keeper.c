@@ -347,6 +347,8 @@ static int rejoin(const char *action, const char *report, size_t len)
                      [NS_USER_FD] = k.fds[FD_USER], [NS_NET_FD] = k.fds[FD_NET], [NS_MNT_FD] = k.fds[FD_MNT]};
         place_fds(fds, sizeof fds / sizeof *fds, 0);
         default_signals();
+        if (chdir("/") < 0)  /* -m puts the job's cwd on sys.path: a vpn_provider there must not win */
+            _exit(127);
         execve(k.python, argv, k.rejoin_env);
         _exit(127);
     }
