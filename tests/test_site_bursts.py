@@ -128,7 +128,7 @@ print(ok)
 
 def test_two_thousand_concurrent_relayed_flows_from_four_workers_all_complete(site_env):
     """500 connections open at once in each of 4 workers (default mode), each echoing 64 KiB
-    both ways through the relay: 2000 flows, 4000 relay threads and 8000 descriptors at the
+    both ways through the relay: 2000 flows, 2000 relay threads (one per flow) and 8000 descriptors at the
     gateway, 1000 descriptors in each helper."""
     from conftest import root_helper
     site = site_env.site
