@@ -58,3 +58,15 @@ def test_host_resolvers_skips_loopback(tmp_path):
     rc.write_text("nameserver 127.0.0.53\nnameserver 10.1.2.3\n# nameserver 9.9.9.9\nnameserver fe80::1%eth0\n")
     assert host_resolvers(str(rc)) == ["10.1.2.3"]
     assert host_resolvers(str(Path(tmp_path / "missing"))) == []
+
+
+def test_a_preload_library_that_does_not_load_is_named(tmp_path):
+    """The loader's own line (here from a real program and a file that is no library): openconnect
+    would go on without the shim and fail later with an error that does not name it."""
+    import subprocess
+    broken = tmp_path / "_tunfd_preload.so"
+    broken.write_text("not a shared object")
+    loader = subprocess.run(["/bin/true"], env={"LD_PRELOAD": str(broken)}, capture_output=True, text=True).stderr
+    msg = str(classify(loader + "Unrecoverable I/O error; exiting.\n", "gw:1"))
+    assert msg.startswith(f"VPN tunnel failed: openconnect could not load the tun preload library {broken} (")
+    assert "install vpn-provider from its wheel" in msg and "\n" not in msg

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 from ..errors import TunnelError
+from . import NATIVE_REMEDY
 
 # (pattern in openconnect's output, reason, remedy); first match wins.
 _RULES: tuple[tuple[str, str, str], ...] = (
@@ -24,7 +25,14 @@ _RULES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# The dynamic loader's line when a preload fails: openconnect then runs without the shim and
+# fails much later, on a tun device it cannot create ("Unrecoverable I/O error").
+_SHIM_NOT_LOADED = re.compile(r"object '([^']*)' from LD_PRELOAD cannot be preloaded \(([^)]*)\)")
+
+
 def classify(log: str, endpoint: str) -> TunnelError:
+    if m := _SHIM_NOT_LOADED.search(log):
+        return TunnelError(f"openconnect could not load the tun preload library {m[1]} ({m[2]})", NATIVE_REMEDY)
     for pattern, reason, remedy in _RULES:
         if re.search(pattern, log):
             return TunnelError(f"{reason} ({endpoint})", remedy)
