@@ -88,3 +88,16 @@ def test_a_gateway_config_that_offers_nothing_is_refused(tmp_path):
         GatewayConfig(state_dir=tmp_path, tunnel=False, relay=False)
     assert "--no-tunnel" in GatewayConfig(state_dir=tmp_path, tunnel=False).cli_args()
     assert "--no-tunnel" not in GatewayConfig(state_dir=tmp_path).cli_args()
+
+
+def test_a_gateway_host_without_ocserv_runs_the_relay_alone_unless_that_would_be_nothing(monkeypatch, tmp_path):
+    from vpn_provider.errors import GatewayError
+    from vpn_provider.gateway.supervisor import why_relay_alone
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: none of the tunnel's tools
+    monkeypatch.setattr(proc, "_EXTRA_PATH", ())
+    assert why_relay_alone(GatewayConfig(state_dir=tmp_path)) == "ocserv, occtl and openssl are not installed on this host"
+    assert why_relay_alone(GatewayConfig(state_dir=tmp_path, tunnel=False)) == "started with --no-tunnel"
+    with pytest.raises(GatewayError, match="no tunnel: ocserv, occtl and openssl .*; leave out --no-relay"):
+        why_relay_alone(GatewayConfig(state_dir=tmp_path, relay=False))
+    with pytest.raises(GatewayError, match="^gateway: no tunnel: ocserv, occtl and openssl are not installed on this host$"):
+        why_relay_alone(GatewayConfig(state_dir=tmp_path, tunnel=True))

@@ -101,20 +101,23 @@ def _check_port_free(listen: Endpoint) -> None:
 
 
 def why_relay_alone(cfg: GatewayConfig) -> str:
-    """Why this gateway offers no tunnel ("" if it does): --no-tunnel, or ocserv, openssl (it
-    hashes the tunnel's password) or every egress missing on this host, unless --egress named
-    one (then its absence is an error)."""
+    """Why this gateway offers no tunnel ("" if it does): --no-tunnel, or ocserv, occtl, openssl
+    (it hashes the tunnel's password) or every egress missing on this host. An error instead
+    where the tunnel is required (GatewayConfig(tunnel=True)) or would be all (--no-relay); an
+    --egress that was named but is missing fails later, as its own error."""
     if cfg.tunnel is False:
         return "started with --no-tunnel"
     missing = [tool for tool in ("ocserv", "occtl", "openssl") if not _installed(tool)]
     if missing:
-        why = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed on this host"
+        names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        why = f"{names} {'is' if len(missing) == 1 else 'are'} not installed on this host"
     elif cfg.egress == "auto" and not any(b.is_supported()[0] for b in egress.BACKENDS.values()):
         why = "neither slirp4netns nor pasta is installed on this host"
     else:
         return ""
-    if cfg.tunnel:
-        raise GatewayError(f"no tunnel: {why}")
+    if cfg.tunnel or not cfg.relay:  # the tunnel was asked for, or is all there would be
+        raise GatewayError(f"no tunnel: {why}", "" if cfg.tunnel else "leave out --no-relay: the relay alone needs "
+                           "none of them")
     return why
 
 
