@@ -30,11 +30,20 @@ PACKAGES = {
 }
 
 
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(_EXTRA_PATH))
+
+
 def find_tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_EXTRA_PATH))
+    path = _which(name)
     if not path:
         raise MissingTool(name, PACKAGES.get(name, name))
     return path
+
+
+def installed(name: str) -> bool:
+    """Whether find_tool would find ``name``."""
+    return _which(name) is not None
 
 
 def run(argv: list[str], *, stdin: str | None = None, timeout: float = 30.0,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .. import egress, linux, proc
-from ..errors import GatewayError, MissingTool, VPNError
+from ..errors import GatewayError, VPNError
 from ..ticket import Endpoint, Ticket
 from . import forward_policy, ocserv_conf, registry
 from .config import SLIRP_NETWORK, TUNNEL_IPV6_POOL, GatewayConfig, host_resolvers
@@ -107,7 +107,7 @@ def why_relay_alone(cfg: GatewayConfig) -> str:
     --egress that was named but is missing fails later, as its own error."""
     if cfg.tunnel is False:
         return "started with --no-tunnel"
-    missing = [tool for tool in ("ocserv", "occtl", "openssl") if not _installed(tool)]
+    missing = [tool for tool in ("ocserv", "occtl", "openssl") if not proc.installed(tool)]
     if missing:
         names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
         why = f"{names} {'is' if len(missing) == 1 else 'are'} not installed on this host"
@@ -119,14 +119,6 @@ def why_relay_alone(cfg: GatewayConfig) -> str:
         raise GatewayError(f"no tunnel: {why}", "" if cfg.tunnel else "leave out --no-relay: the relay alone needs "
                            "none of them")
     return why
-
-
-def _installed(tool: str) -> bool:
-    try:
-        proc.find_tool(tool)
-    except MissingTool:
-        return False
-    return True
 
 
 def _wait_accepting(cfg: GatewayConfig, pin: str, alive, timeout: float = 15.0) -> None:

@@ -6,7 +6,6 @@ import logging
 import os
 
 from .. import proc
-from ..errors import MissingTool
 from ..ticket import Ticket
 from ..transport import Transport
 from . import PRELOAD_LIBRARY
@@ -18,9 +17,7 @@ def tunnel_unavailable(ticket: Ticket) -> str:
     """Why this worker cannot have the tunnel here, or "" if it can."""
     if not ticket.tunnel:
         return "the gateway offers no tunnel (it runs the relay alone)"
-    try:
-        proc.find_tool("openconnect")
-    except MissingTool:
+    if not proc.installed("openconnect"):
         return "openconnect is not installed on this node"
     try:
         os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
