@@ -2,7 +2,7 @@
 the node helper's own pumps, loaded with ctypes. A call lets go of the GIL and carries both
 directions of the flow in the calling thread until it ends; the sockets are its to close.
 
-Measured on the simulated site, the sealed Python pump (pump.py) costs the gateway 2-3 times
+Measured on the simulated site, the sealed Python pump (pump.py) costs the gateway about twice
 the CPU per GB of this one. The Python pump stays for installs without the library (an sdist
 built without a compiler); `gateway status` says which one runs.
 """
