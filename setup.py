@@ -1,9 +1,11 @@
-"""Builds the three native parts. None of them uses Python's C API, so one wheel serves every
+"""Builds the four native parts. None of them uses Python's C API, so one wheel serves every
 Python 3 on its platform (tagged py3-none-<platform>; scripts/build-wheel makes it portable):
 
 - ``_tunfd_preload.so``: the LD_PRELOAD shim that hands openconnect a tun device from the
   worker's namespace. Built as an extension module for the toolchain handling, but named
   without a Python ABI: it is never imported, only preloaded into openconnect.
+- ``_relay_preload.so``: the worker's transport where user namespaces are off: preloaded into
+  the job, it sends its TCP connects and name lookups to the node helper (relay_preload.c).
 - ``_relay_pump.so``: the gateway's end of each relayed flow, the node helper's own pumps
   (flow_pump.c) in a plain shared library that the gateway's Python relay loads with ctypes.
 - ``_node_helper``: the worker's companion, a small executable (about 1 MB of memory of its own,
@@ -73,6 +75,10 @@ class PlatformWheel(bdist_wheel):
 
 
 # -ldl: dlsym lives in libdl before glibc 2.34, and the portable wheel targets 2.17.
+# -fvisibility=hidden: the preloaded library exports only the calls it stands in for.
 setup(ext_modules=[Extension("vpn_provider._tunfd_preload", sources=[f"{NATIVE}/tunfd_preload.c"],
-                             extra_compile_args=FLAGS, extra_link_args=["-ldl"])],
+                             extra_compile_args=FLAGS, extra_link_args=["-ldl"]),
+                   Extension("vpn_provider._relay_preload", sources=[f"{NATIVE}/relay_preload.c"],
+                             extra_compile_args=[*FLAGS, "-fvisibility=hidden"],
+                             extra_link_args=["-ldl", "-pthread", "-Wl,-z,relro,-z,now"])],
       cmdclass={"build_ext": BuildNative, "bdist_wheel": PlatformWheel})

@@ -25,13 +25,28 @@ def ticket(**kw) -> Ticket:
 
 
 def test_a_transport_is_parsed_in_one_place():
-    assert CHOICES == ("auto", "relay", "tunnel", "relay-only")
+    assert CHOICES == ("auto", "relay", "tunnel", "relay-only", "preload")
     assert Transport.parse(None) is None and Transport.parse("auto") is None
     assert Transport.parse("relay-only") is Transport.RELAY_ONLY
     assert Transport.parse(Transport.TUNNEL) is Transport.TUNNEL
     for bad in ("udp", "", "Relay", 3):
-        with pytest.raises(ValueError, match="is not one of auto, relay, tunnel, relay-only"):
+        with pytest.raises(ValueError, match="is not one of auto, relay, tunnel, relay-only, preload"):
             Transport.parse(bad)
+
+
+def test_the_preload_library_and_the_helper_share_python_s_constants():
+    """native/preload_request.h mirrors the environment variable's name and the relay's statuses."""
+    import re
+    from pathlib import Path
+
+    from vpn_provider.relay.protocol import Status
+    from vpn_provider.worker import RELAY_PORTS_ENV
+    header = (Path(__file__).parent.parent / "vpn_provider/native/preload_request.h").read_text()
+    assert re.search(r'#define PRELOAD_PORTS_ENV "(\w+)"', header).group(1) == RELAY_PORTS_ENV
+    statuses = {name: int(value) for name, value in re.findall(r"PRELOAD_(\w+) = (\d+),", header)}
+    assert {name: value for name, value in statuses.items() if name != "NO_RELAY"} == \
+        {s.name: s.value for s in Status}
+    assert statuses["NO_RELAY"] not in {s.value for s in Status}
 
 
 def test_vpn_command_checks_the_transport_and_leaves_the_ticket_path_to_the_node():

@@ -40,7 +40,9 @@ class VPNLauncher(Launcher):
         The transport (a ``Transport`` or its name); ``None`` or ``"auto"`` (default): the best
         each node and the gateway allow, chosen on the node: ``"relay"`` (the full-IP tunnel,
         TCP through the relay at the link's speed), else ``"relay-only"`` (no tunnel, only TCP
-        and DNS, through the relay; smallest per worker). ``"tunnel"``: all traffic in the tunnel.
+        and DNS, through the relay; smallest per worker), else, where user namespaces are off,
+        ``"preload"`` (TCP and DNS through the relay, for dynamically linked programs).
+        ``"tunnel"``: all traffic in the tunnel.
     reconnect_timeout:
         Seconds a running worker waits for a gateway to take its tunnel back after it went away,
         before the worker gets SIGTERM (default 600; 0: wait forever).

@@ -14,10 +14,16 @@ class Transport(enum.Enum):
     RELAY = "relay"            # the full-IP tunnel, with TCP through the relay beside it
     TUNNEL = "tunnel"          # all traffic in the encrypted tunnel
     RELAY_ONLY = "relay-only"  # no tunnel and no openconnect: TCP and DNS through the relay
+    PRELOAD = "preload"        # no namespace at all (user namespaces off): TCP and DNS through
+                               # the relay, by a library preloaded into the job's programs
 
     @property
     def needs_tunnel(self) -> bool:
-        return self is not Transport.RELAY_ONLY
+        return self in (Transport.RELAY, Transport.TUNNEL)
+
+    @property
+    def needs_namespace(self) -> bool:
+        return self is not Transport.PRELOAD
 
     @classmethod
     def parse(cls, value: "Transport | str | None") -> "Transport | None":

@@ -14,6 +14,9 @@
  *                  C  a listener for redirected TCP, on 127.0.0.1 or [::1] (each accepted
  *                     connection's SO_ORIGINAL_DST or IP6T_SO_ORIGINAL_DST is its destination)
  *                  U  UDP socket, D  TCP listener: the namespace's resolver (relay-only mode)
+ *                  A  a listener on the node's own loopback for preloaded programs, where user
+ *                     namespaces are off (preload_request.h): each connection names its
+ *                     destination and gets the relay's status back; only our own user's are served
  *
  * Then, per connection, a thread connects to the relay, runs the handshake (relay protocol 3,
  * its cryptography in relay_crypto.c) and carries the bytes both ways: as AES-GCM records
@@ -26,7 +29,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/inet_diag.h>
 #include <linux/netfilter_ipv4.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -51,6 +57,7 @@
 #include <openssl/crypto.h>  /* OPENSSL_cleanse: glibc has explicit_bzero only from 2.25 */
 
 #include "flow_pump.h"
+#include "preload_request.h"
 #include "relay_crypto.h"
 #include "tunnel_keeper.h"
 
@@ -376,7 +383,8 @@ static void ipv4_mapped(struct in_addr ip, uint8_t address[16])
 
 struct job {
     int fd;       /* the application's connection, or the UDP socket for a DNS query */
-    char verb;    /* 'C' (connect to SO_ORIGINAL_DST), 'D' (the gateway's resolver), 'U' */
+    char verb;    /* 'C' (connect to SO_ORIGINAL_DST), 'D' (the gateway's resolver), 'U',
+                     'A' (a preloaded program's: its request says which of C and D) */
     struct sockaddr_in peer;  /* 'U': who asked */
     uint16_t length;
     uint8_t query[];
@@ -404,11 +412,46 @@ static int original_destination(int fd, uint8_t address[16], uint16_t *port)
     return 0;
 }
 
+static int recv_all_by(int fd, void *buf, size_t n, const struct timespec *deadline);
+
+#define PRELOAD_REQUEST_TIMEOUT_S 5  /* the program sends it right after connecting */
+
+/* A preloaded program's request: 'C' or 'D' into *verb, and where to. */
+static int read_preload_request(int fd, char *verb, uint8_t address[16], uint16_t *port)
+{
+    uint8_t request[PRELOAD_REQUEST];
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += PRELOAD_REQUEST_TIMEOUT_S;
+    if (recv_all_by(fd, request, sizeof request, &deadline) < 0 || (request[0] != 'C' && request[0] != 'D'))
+        return -1;
+    *verb = (char)request[0];
+    memcpy(address, request + 1, 16);
+    *port = (uint16_t)(request[17] << 8 | request[18]);
+    return 0;
+}
+
+/* A flow that did not open: a preloaded program gets the status its connect() waits for, then
+ * an orderly end (a reset could take the status with it); a redirected one, never told the
+ * outcome, sees a reset, the nearest thing to "refused". */
+static void refuse(int fd, int answers, uint8_t status)
+{
+    if (!answers) {
+        reset_close(fd);
+        return;
+    }
+    send_all(fd, &status, 1);
+    set_linger(fd, 0);
+    close(fd);
+}
+
 static void relay_tcp(struct job *j)
 {
     uint8_t address[16] = {0};
     uint16_t port = 0;
-    if (j->verb == 'C' && original_destination(j->fd, address, &port) < 0) {
+    const int answers = j->verb == 'A';
+    if ((j->verb == 'C' && original_destination(j->fd, address, &port) < 0)
+        || (answers && read_preload_request(j->fd, &j->verb, address, &port) < 0)) {
         reset_close(j->fd);
         return;
     }
@@ -423,10 +466,17 @@ static void relay_tcp(struct job *j)
         else
             say(v4 ? "%s:%u via the relay: %s" : "[%s]:%u via the relay: %s",
                 inet_ntop(v4 ? AF_INET : AF_INET6, v4 ? address + 12 : address, ip, sizeof ip), port, why);
-        reset_close(j->fd);  /* the application sees a reset, the nearest thing to "refused" */
+        refuse(j->fd, answers, PRELOAD_NO_RELAY);
         return;
     }
     if (status != STATUS_OK) {
+        close(flow.fd);
+        flow_end(&flow);
+        refuse(j->fd, answers, (uint8_t)status);
+        return;
+    }
+    const uint8_t ok = PRELOAD_OK;
+    if (answers && send_all(j->fd, &ok, 1) < 0) {
         close(flow.fd);
         flow_end(&flow);
         reset_close(j->fd);
@@ -644,9 +694,70 @@ static void start_job(struct job *j)
     pthread_attr_destroy(&attr);
 }
 
+/* The user owning the other end of a connection accepted on the node's loopback, as the
+ * kernel's socket table says (NETLINK_SOCK_DIAG, the interface of `ss`); -1 if unknown. The
+ * preload listener is reachable by every user of the node: only our own may use our relay. */
+static long peer_owner(int fd, const struct sockaddr_storage *peer)
+{
+    static int diag = -1;  /* only serve's thread asks */
+    static uint32_t seq;
+    struct sockaddr_storage local;
+    socklen_t len = sizeof local;
+    if (getsockname(fd, (struct sockaddr *)&local, &len) < 0 || local.ss_family != peer->ss_family)
+        return -1;
+    if (diag < 0 && (diag = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG)) >= 0)
+        set_timeouts(diag, 1);
+    if (diag < 0)
+        return -1;
+    struct { struct nlmsghdr h; struct inet_diag_req_v2 r; } req;
+    memset(&req, 0, sizeof req);
+    req.h.nlmsg_len = sizeof req;
+    req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    req.h.nlmsg_flags = NLM_F_REQUEST;  /* one socket, looked up by its four-tuple: no dump */
+    req.h.nlmsg_seq = ++seq;
+    req.r.sdiag_family = (uint8_t)peer->ss_family;
+    req.r.sdiag_protocol = IPPROTO_TCP;
+    req.r.idiag_states = ~0U;
+    req.r.id.idiag_cookie[0] = req.r.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
+    /* The program's socket: its own side is our peer, its remote side is us. */
+    if (peer->ss_family == AF_INET) {
+        const struct sockaddr_in *p = (const void *)peer, *l = (const void *)&local;
+        req.r.id.idiag_sport = p->sin_port;
+        req.r.id.idiag_dport = l->sin_port;
+        memcpy(req.r.id.idiag_src, &p->sin_addr, 4);
+        memcpy(req.r.id.idiag_dst, &l->sin_addr, 4);
+    } else {
+        const struct sockaddr_in6 *p = (const void *)peer, *l = (const void *)&local;
+        req.r.id.idiag_sport = p->sin6_port;
+        req.r.id.idiag_dport = l->sin6_port;
+        memcpy(req.r.id.idiag_src, &p->sin6_addr, 16);
+        memcpy(req.r.id.idiag_dst, &l->sin6_addr, 16);
+    }
+    if (send(diag, &req, sizeof req, 0) < 0)
+        return -1;
+    for (int reads = 0; reads < 4; reads++) {  /* a late answer to an earlier question is skipped */
+        union { struct nlmsghdr h; char bytes[2048]; } answer;
+        ssize_t n = recv(diag, &answer, sizeof answer, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        for (struct nlmsghdr *h = &answer.h; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+            if (h->nlmsg_seq != seq)
+                continue;
+            if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY || h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg)))
+                return -1;  /* NLMSG_ERROR: no such socket (it closed already), or no sock_diag */
+            return (long)((struct inet_diag_msg *)NLMSG_DATA(h))->idiag_uid;
+        }
+    }
+    return -1;
+}
+
 static void accept_one(int listener, char verb)
 {
-    int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    struct sockaddr_storage peer;
+    socklen_t peer_len = sizeof peer;
+    int fd = accept4(listener, (struct sockaddr *)&peer, &peer_len, SOCK_CLOEXEC);
     if (fd < 0) {
         int err = errno;
         static long next_line;  /* only serve's thread accepts */
@@ -661,6 +772,17 @@ static void accept_one(int listener, char verb)
         if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
             usleep(50 * 1000);  /* breathe, go on */
         return;
+    }
+    if (verb == 'A') {
+        long owner = peer_owner(fd, &peer);
+        if (owner != (long)getuid()) {  /* refused in this thread: a stranger's flood costs no thread */
+            reset_close(fd);
+            if (owner >= 0)
+                say("refused a connection to the preload listener from user %ld", owner);
+            else
+                say("refused a connection to the preload listener: its owner is unknown (sock_diag: %s)", strerror(errno));
+            return;
+        }
     }
     set_linger(fd, 1);  /* if we die from here on, the application sees a reset, never an end */
     struct job *j = calloc(1, sizeof *j);
@@ -715,7 +837,7 @@ static void serve(struct pollfd *p, const char *roles, int n)
             if (roles[i] == 'U')
                 read_query(p[i].fd);
             else
-                accept_one(p[i].fd, roles[i]);  /* 'C' or 'D': the flow's verb */
+                accept_one(p[i].fd, roles[i]);  /* 'C', 'D' or 'A' */
         }
     }
 }
@@ -895,7 +1017,7 @@ int main(void)
             keeping = 1;
         } else if (msg[0] == 'L') {
             for (int i = 0; i < nfds; i++) {
-                if (i + 1 < n && msg[i + 1] && strchr("CUD", msg[i + 1])) {
+                if (i + 1 < n && msg[i + 1] && strchr("CUDA", msg[i + 1])) {
                     served[n_served] = (struct pollfd){fds[i], POLLIN, 0};
                     roles[n_served++] = msg[i + 1];
                 } else {

@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -150,16 +151,19 @@ class Site:
         return self.cpu.wrap(host.ns, ["ip", "netns", "exec", host.ns, *argv])
 
     def as_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None,
-                hide: tuple[str, ...] = ()) -> list[str]:
+                hide: tuple[str, ...] = (), userns_off: bool = False) -> list[str]:
         """argv that runs ``argv`` on ``host`` as the site's unprivileged user, clean environment.
         ``hide``: programs this command and its children do not find, as on a host where they
         are not installed (/dev/null bound over every copy, in the mount namespace that
-        `ip netns exec` gives each command)."""
+        `ip netns exec` gives each command). ``userns_off``: as on a node where user namespaces
+        are off (sim/userns_off.py)."""
         base = {"HOME": str(self.home), "USER": self.user, "LOGNAME": self.user,
                 "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8"}
         base.update(env or {})
         user = ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
                 "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv]
+        if userns_off:
+            user = [sys.executable, "-m", "vpn_provider.sim.userns_off", *user]
         if hide:
             dirs = dict.fromkeys((*base["PATH"].split(":"), "/usr/sbin", "/sbin", "/usr/bin", "/bin"))
             copies = [os.path.join(d, tool) for tool in hide for d in dirs if os.path.exists(os.path.join(d, tool))]
@@ -170,12 +174,12 @@ class Site:
     def run_user(self, host: Host, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        command = self.as_user(host, argv, kw.pop("env", None), kw.pop("hide", ()))
+        command = self.as_user(host, argv, kw.pop("env", None), kw.pop("hide", ()), kw.pop("userns_off", False))
         return subprocess.run(command, timeout=timeout, **kw)
 
     def popen_user(self, host: Host, argv: list[str], env: dict[str, str] | None = None,
-                   hide: tuple[str, ...] = (), **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.as_user(host, argv, env, hide), **kw)
+                   hide: tuple[str, ...] = (), userns_off: bool = False, **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.as_user(host, argv, env, hide, userns_off), **kw)
 
     def start_service(self, host: Host, argv: list[str], log_name: str) -> subprocess.Popen:
         log = open(self.workdir / f"{log_name}.log", "ab")

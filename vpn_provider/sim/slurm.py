@@ -64,10 +64,13 @@ exit $rc
 
 
 class SimSlurm:
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, *, userns_off: bool = False):
+        """``userns_off``: jobs run as on nodes where user namespaces are off (sim/userns_off.py)."""
         self.site = site
-        self.bin_dir = site.workdir / "slurm-bin"
-        self.spool = site.workdir / "slurm-spool"
+        self.userns_off = userns_off
+        name = "slurm-userns-off" if userns_off else "slurm"  # each its own jobs
+        self.bin_dir = site.workdir / f"{name}-bin"
+        self.spool = site.workdir / f"{name}-spool"
         self._jobs: dict[str, subprocess.Popen] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,7 +116,8 @@ class SimSlurm:
         (self.spool / f"{job_id}.state").write_text("R\n")
         with open(out, "ab") as o, open(err, "ab") as e:
             self._jobs[job_id] = self.site.popen_user(node, ["bash", str(script)], env=env, stdout=o, stderr=e,
-                                                      cwd=str(script.parent), start_new_session=True)
+                                                      userns_off=self.userns_off, cwd=str(script.parent),
+                                                      start_new_session=True)
 
     def close(self) -> None:
         self._stop.set()

@@ -11,7 +11,8 @@ the gateway are the node's own; then it execs the native binary, which costs the
     exec -> helper   "T" ... + 5 fds           keep the tunnel (answer: "UP" NUL env | "DOWN why")
     exec -> helper   "L" ROLES + one fd a role  the namespace's sockets for the relay to serve:
                      C: a redirect's listener (127.0.0.1, [::1]); U, D: the resolver's UDP
-                     socket and TCP listener (relay-only mode)
+                     socket and TCP listener (relay-only mode); A: a listener on the node's
+                     loopback for preloaded programs (preload mode, native/preload_request.h)
 """
 from __future__ import annotations
 
@@ -135,8 +136,14 @@ class NodeHelper:
         """Give the helper the namespace's sockets: the redirects' listeners (IPv4, and IPv6 if
         the namespace has it), in relay-only mode also the resolver's UDP socket and TCP
         listener; from now on it serves alone. Raises OSError if the helper is gone."""
-        sockets = [*redirected, *(resolver or ())]
-        roles = b"C" * len(redirected) + (b"UD" if resolver else b"")
+        self._serve(b"C" * len(redirected) + (b"UD" if resolver else b""), [*redirected, *(resolver or ())])
+
+    def serve_programs(self, listeners: list[socket.socket]) -> None:
+        """Give the helper its listeners for preloaded programs (127.0.0.1, and [::1] if the node
+        has it); from now on it serves alone. Raises OSError if the helper is gone."""
+        self._serve(b"A" * len(listeners), listeners)
+
+    def _serve(self, roles: bytes, sockets: list[socket.socket]) -> None:
         try:
             socket.send_fds(self._ctl, [b"L" + roles], [s.fileno() for s in sockets])
         finally:

@@ -13,6 +13,10 @@ the gateway restarts, the keeper logs in again and reconfigures the namespace (`
 
 In relay-only mode steps 1, 3 and 4 are skipped: no tun device, no openconnect; the namespace's
 TCP and DNS go to the relay helper alone.
+
+In preload mode (user namespaces are off) there is no namespace either: the helper listens on
+the node's loopback, and CMD runs with a preloaded library (native/relay_preload.c) that sends
+its TCP connects and name lookups there.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from ..errors import TunnelError
 from ..transport import Transport
 from ..relay.protocol import relay_key, worker_name
 from ..ticket import Endpoint, Ticket
-from . import DEFAULT_RECONNECT_TIMEOUT, NATIVE_REMEDY, PRELOAD_LIBRARY, netconfig, vpnc_env
+from . import (DEFAULT_RECONNECT_TIMEOUT, NATIVE_REMEDY, PRELOAD_LIBRARY, RELAY_PORTS_ENV, RELAY_PRELOAD_LIBRARY,
+               netconfig, vpnc_env)
 from .choice import choose
 from .diagnose import classify
 from .redirect import install_redirect, remove_redirect
@@ -56,6 +61,15 @@ def preload_library() -> str:
     if not PRELOAD_LIBRARY.exists():
         raise TunnelError(f"the tun preload library {PRELOAD_LIBRARY} is missing", NATIVE_REMEDY)
     return str(PRELOAD_LIBRARY)
+
+
+def relay_preload_library() -> str:
+    if not RELAY_PRELOAD_LIBRARY.exists():
+        raise TunnelError(f"the relay preload library {RELAY_PRELOAD_LIBRARY} is missing", NATIVE_REMEDY)
+    if any(ch in str(RELAY_PRELOAD_LIBRARY) for ch in " :"):  # LD_PRELOAD's separators
+        raise TunnelError(f"the relay preload library's path {RELAY_PRELOAD_LIBRARY} has a space or a colon, "
+                          "which LD_PRELOAD cannot carry", "install vpn-provider under a path without them")
+    return str(RELAY_PRELOAD_LIBRARY)
 
 
 def pick_endpoint(endpoints: tuple[Endpoint, ...], timeout: float, *, spread: float = 0.05) -> Endpoint | None:
@@ -117,6 +131,7 @@ class Tunnel:
         self.reconnect_timeout = reconnect_timeout
         self.helper: NodeHelper | None = None
         self.endpoint: Endpoint | None = None
+        self._preload_ports = ""  # preload mode: the helper's listeners, for CMD's environment
 
     def openconnect_argv(self) -> list[str]:
         """Without the gateway's URL: the keeper appends the one it logs in to.
@@ -135,6 +150,9 @@ class Tunnel:
         deadline = (time.monotonic() if started is None else started) + self.timeout
         if self.tcp is Transport.RELAY_ONLY:
             self._establish_relay_only(deadline)
+            return None
+        if self.tcp is Transport.PRELOAD:
+            self._establish_preload(deadline)
             return None
         shim = preload_library()
         argv = self.openconnect_argv()
@@ -180,9 +198,9 @@ class Tunnel:
         log.debug("tunnel up via %s: %s", self.endpoint, params)
         return params
 
-    def _establish_relay_only(self, deadline: float) -> None:
-        """No openconnect: the namespace's TCP and DNS go to the relay helper, nothing else
-        leaves. The relay must answer, since there is nothing to fall back to."""
+    def _start_relay_helper(self, deadline: float) -> NodeHelper:
+        """The helper for a worker without a tunnel, checking the relay of the gateway that
+        answers first."""
         if not self.ticket.relay_port:
             raise TunnelError("the gateway runs no TCP relay (started with --no-relay)",
                               "use --tcp relay or --tcp tunnel")
@@ -192,9 +210,40 @@ class Tunnel:
         candidates = tuple(self.ticket.relay(g) for g in hosts) + hosts
         chosen = pick_endpoint(candidates, max(0.1, deadline - time.monotonic() - 1.0))
         self.endpoint = hosts[candidates.index(chosen) % len(hosts)] if chosen else hosts[0]
-        relay = NodeHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret),
-                            alternatives=tuple(self.ticket.relay(g) for g in hosts if g != self.endpoint))
-        self.helper = relay
+        self.helper = NodeHelper(self.ticket.relay(self.endpoint), relay_key(self.ticket.secret),
+                                 alternatives=tuple(self.ticket.relay(g) for g in hosts if g != self.endpoint))
+        return self.helper
+
+    def _establish_preload(self, deadline: float) -> None:
+        """No namespace: the helper serves preloaded programs on the node's loopback (only our
+        own user's connections: see native/preload_request.h)."""
+        relay_preload_library()  # missing: say so before anything starts
+        relay = self._start_relay_helper(deadline)
+        with _undone_on_failure(relay.abandon):
+            problem = relay.verdict(deadline - time.monotonic())
+            if problem:
+                raise TunnelError(problem, _relay_hint(problem))
+            listeners = [_bound(socket.SOCK_STREAM, ("127.0.0.1", 0))]
+            with contextlib.suppress(OSError):  # no IPv6 here: IPv6 sockets use ::ffff:127.0.0.1
+                listeners.append(_bound(socket.SOCK_STREAM, ("::1", 0)))
+            self._preload_ports = ",".join(str(s.getsockname()[1]) for s in listeners)
+            try:
+                relay.serve_programs(listeners)
+            except OSError as e:
+                raise TunnelError(f"{_HELPER_GONE} ({e.strerror or e})") from None
+
+    def program_environment(self, environ: dict[str, str]) -> dict[str, str]:
+        """What CMD's environment needs on top of ``environ`` (in preload mode: the library,
+        ahead of any the job preloads itself, and where the helper listens)."""
+        if self.tcp is not Transport.PRELOAD:
+            return {}
+        preload = f"{relay_preload_library()} {environ.get('LD_PRELOAD', '')}".strip()
+        return {"LD_PRELOAD": preload, RELAY_PORTS_ENV: self._preload_ports}
+
+    def _establish_relay_only(self, deadline: float) -> None:
+        """No openconnect: the namespace's TCP and DNS go to the relay helper, nothing else
+        leaves. The relay must answer, since there is nothing to fall back to."""
+        relay = self._start_relay_helper(deadline)
         with _undone_on_failure(relay.abandon):
             _enter_worker_namespace()
             netconfig.route_tcp_to_loopback()
@@ -373,6 +422,7 @@ def exec_in_vpn(ticket: Ticket, argv: list[str], *, env: dict[str, str] | None =
                     reconnect_timeout=reconnect_timeout)
     tunnel.establish(started=started)
     os.environ.update(env or {})  # after establish: the helper must not see CMD's settings
+    os.environ.update(tunnel.program_environment(os.environ))
     linux.restore_default_signals()
     restore_core_dumps()
     try:
