@@ -74,3 +74,87 @@ def test_errors_exit_status_and_signals_pass_through(site_env):
     running.send_signal(signal.SIGTERM)
     assert running.wait(timeout=30) == -signal.SIGTERM
     assert site_env.leftovers() == set()
+
+
+STRANGER = """
+import socket, struct, sys, time
+port, target = int(sys.argv[1]), socket.inet_aton(sys.argv[2])
+request = b"C" + bytes(10) + b"\\xff\\xff" + target + struct.pack("!H", 80)
+print("ready", flush=True)
+made = answered = 0
+until = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < until:
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("127.0.0.1", port))
+        made += 1
+        s.sendall(request)
+        answered += len(s.recv(1)) > 0
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(made, answered)
+"""
+
+
+def test_a_stranger_on_the_node_can_neither_use_nor_jam_the_preload_listener(site_env):
+    """The helper's listener is on the node's loopback, open to every user there: another user's
+    connections (root's here) are reset unanswered, at once, and the job's own go on meanwhile."""
+    from conftest import root_helper
+    job = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--", "sh", "-c",
+                                                   f'echo "$VPNP_RELAY_PORTS"; sleep 1; {FETCH["curl"].format(http=site_env.http_url)}'],
+                                   userns_off=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = int(job.stdout.readline().split(",")[0])
+    stranger = root_helper(site_env.site, site_env.node, STRANGER, str(port), site_env.site.inet.addr, "8")
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err
+    assert out.strip() == site_env.big_sha  # fetched while the stranger hammered the same listener
+    assert "refused a connection to the preload listener from user 0" in err
+    made, answered = map(int, stranger.communicate(timeout=30)[0].split())
+    assert made > 100 and answered == 0
+    assert site_env.leftovers() == set()
+
+
+def test_a_work_queue_worker_fetches_through_preload(site_env):
+    import shutil
+
+    from test_site_workqueue import finish, start_manager, urls_and_sums
+    if not shutil.which("work_queue_worker"):
+        pytest.skip("Debian's coop-computing-tools is not installed")
+    expected = urls_and_sums(site_env)
+    mgr = start_manager(site_env, 9129, list(expected))
+    worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--",
+                                                      "work_queue_worker", "--timeout", "60", "198.19.20.1", "9129"],
+                                      userns_off=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        results = finish(mgr)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+    assert {url: r["output"] for url, r in results.items()} == expected
+    assert site_env.leftovers(timeout=15) == set()
+
+
+def test_parsl_htex_workers_fetch_through_preload(site_env):
+    """Parsl's real SlurmProvider and VPNLauncher; SimSlurm stands in for Slurm, which cannot run
+    here (see test_site_parsl), and starts each job on a node where user namespaces are off."""
+    from test_site_parsl import _results, run_driver
+
+    from vpn_provider.sim.data import sha256_of
+    from vpn_provider.sim.slurm import SimSlurm
+    slurm = SimSlurm(site_env.site, userns_off=True).start()
+    try:
+        kwargs = {"ticket": str(site_env.ticket), "partition": None, "account": None, "nodes": 1,
+                  "workers_per_node": 2, "worker_init": f"export PATH={os.path.dirname(VP)}:$PATH",
+                  "run_dir": str(site_env.site.home / "runinfo-htex-preload")}
+        urls = [f"{site_env.xrootd_url}/data/big.bin", f"{site_env.xrootd_url}/data/events.root"]
+        done = run_driver(site_env, slurm, "configs.slurm_htex", kwargs, urls)
+    finally:
+        slurm.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = _results(done.stdout)
+    assert [r["sha256"] for r in results] == [site_env.big_sha, sha256_of(site_env.site.workdir / "www" / "events.root")]
+    assert "vpn0" not in {r["default_route_dev"] for r in results}  # no namespace: the node's own route
+    assert site_env.leftovers(timeout=30) == set()
