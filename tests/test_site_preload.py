@@ -158,3 +158,16 @@ def test_parsl_htex_workers_fetch_through_preload(site_env):
     assert [r["sha256"] for r in results] == [site_env.big_sha, sha256_of(site_env.site.workdir / "www" / "events.root")]
     assert "vpn0" not in {r["default_route_dev"] for r in results}  # no namespace: the node's own route
     assert site_env.leftovers(timeout=30) == set()
+
+
+def test_check_names_the_transport_and_the_programs_it_reaches(site_env):
+    check = site_env.vp(site_env.node, "check", "--ticket", str(site_env.ticket), "--dns-name", "www.sim.test",
+                        "--program", "/sbin/ldconfig", timeout=90, userns_off=True)
+    rows = {ln.split("  ")[0]: ln for ln in check.stdout.splitlines()}
+    assert check.returncode == 0, check.stdout
+    assert " warn " in rows["user namespaces"] and "off (No space left on device)" in rows["user namespaces"]
+    reached, not_reached = rows["programs (preload)"].split("reached: ", 1)[1].split("; NOT reached: ")
+    assert {"curl", "python3", "xrdcp", "work_queue_worker"} <= set(reached.split(", "))
+    assert not_reached.startswith("/sbin/ldconfig (statically linked")
+    assert "exec takes preload (user namespaces are off on this node" in rows["transports"]
+    assert " ok " in rows["preload worker"] and " ok " in rows["DNS through the relay (www.sim.test)"]

@@ -1,6 +1,7 @@
 """The portable wheel on the simulated site: built by scripts/build-wheel, checked by auditwheel,
 installed into a fresh venv on hosts with no C compiler and none of the distribution's VPN
-packages; a plain `gateway start` and a plain `exec` from that venv fetch a file by DNS name."""
+packages; a plain `gateway start` and a plain `exec` from that venv fetch a file by DNS name, on
+a node with user namespaces and on one where they are off (the wheel's preload library)."""
 from __future__ import annotations
 
 import os
@@ -31,7 +32,8 @@ def wheel() -> Path:
 def test_the_wheel_is_one_file_for_every_python_3_and_glibc_2_17_on(wheel):
     assert wheel.name.startswith("vpn_provider-") and "-py3-none-manylinux2014_" in wheel.name
     names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
-    for part in ("vpn_provider/_node_helper", "vpn_provider/_relay_pump.so", "vpn_provider/_tunfd_preload.so"):
+    for part in ("vpn_provider/_node_helper", "vpn_provider/_relay_pump.so", "vpn_provider/_tunfd_preload.so",
+                 "vpn_provider/_relay_preload.so"):
         assert part in names
 
 
@@ -57,6 +59,12 @@ def test_a_fresh_venv_from_the_wheel_on_hosts_without_packages_or_compiler(site_
                                                 FETCH.format(url=site_env.http_url)], hide=NODE_LACKS, env=env, **away)
         assert fetched.returncode == 0, fetched.stderr
         assert fetched.stdout.strip() == site_env.big_sha
+        preloaded = site.run_user(site_env.node, [vp, "exec", "--ticket", str(state / "ticket.json"), "--", "sh", "-c",
+                                                  FETCH.format(url=site_env.http_url)], hide=NODE_LACKS, env=env,
+                                  userns_off=True, **away)
+        assert preloaded.returncode == 0, preloaded.stderr
+        assert preloaded.stdout.strip() == site_env.big_sha
+        assert "transport preload" in preloaded.stderr
         assert str(venv) in site.run_user(site_env.node, [str(venv / "bin" / "python"), "-c",
                                                           "import vpn_provider; print(vpn_provider.__file__)"],
                                           env=env, **away).stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -20,7 +21,8 @@ from .ticket import Endpoint, Ticket
 from .transport import Transport
 from .worker.choice import decide
 from .worker.node_helper import helper_binary
-from .worker.tunnel import preload_library
+from .worker.programs import USUAL_PROGRAMS, why_not_preloaded
+from .worker.tunnel import preload_library, relay_preload_library
 
 OK, FAIL, WARN = "ok", "FAIL", "warn"
 
@@ -33,13 +35,17 @@ class Finding:
     remedy: str = ""
 
 
-def _namespaces() -> list[Finding]:
+_ALLOW_NAMESPACES = ("ask the site to allow unprivileged user namespaces "
+                     "(user.max_user_namespaces > 0; kernel.apparmor_restrict_unprivileged_userns=0)")
+
+
+def _namespaces(programs: tuple[str, ...]) -> list[Finding]:
     allowed, why = linux.user_namespaces_allowed()
-    out = [Finding("user namespaces", OK if allowed else FAIL, "allowed" if allowed else why,
-                   "" if allowed else "ask the site to allow unprivileged user namespaces "
-                   "(user.max_user_namespaces > 0; kernel.apparmor_restrict_unprivileged_userns=0)")]
     if not allowed:
-        return out
+        return [Finding("user namespaces", WARN, f"off ({why}): workers take the preload transport, TCP and DNS "
+                        "for dynamically linked programs only", _ALLOW_NAMESPACES + " for everything"),
+                _programs(programs)]
+    out = [Finding("user namespaces", OK, "allowed")]
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -62,6 +68,17 @@ def _namespaces() -> list[Finding]:
     return out
 
 
+def _programs(programs: tuple[str, ...]) -> Finding:
+    """Which of the job's programs (found on PATH) the preload transport reaches."""
+    found = [p for p in dict.fromkeys((*programs, *USUAL_PROGRAMS)) if p in programs or shutil.which(p)]
+    verdicts = {p: why_not_preloaded(p) for p in found}
+    works = [p for p, why in verdicts.items() if not why]
+    fails = [f"{p} ({why})" for p, why in verdicts.items() if why]
+    detail = f"reached: {', '.join(works) or 'none'}" + (f"; NOT reached: {'; '.join(fails)}" if fails else "")
+    return Finding("programs (preload)", WARN if fails else OK, detail,
+                   "run those on a node with user namespaces, or use dynamically linked builds" if fails else "")
+
+
 def _binaries() -> list[Finding]:
     out = []
     for tool, needed_on in (("openconnect", "compute nodes"), ("ocserv", "the gateway host"),
@@ -74,10 +91,11 @@ def _binaries() -> list[Finding]:
             out.append(Finding(f"binary {tool}", WARN, "not found", f"{e} (needed on {needed_on}; without it "
                                + ("workers run relay-only: TCP and DNS)" if tool == "openconnect"
                                   else "a gateway there offers the relay alone)")))
-    try:
-        out.append(Finding("tun preload library", OK, preload_library()))
-    except TunnelError as e:
-        out.append(Finding("tun preload library", FAIL, "missing", e.remedy))
+    for item, find in (("tun preload library", preload_library), ("relay preload library", relay_preload_library)):
+        try:
+            out.append(Finding(item, OK, find()))
+        except TunnelError as e:
+            out.append(Finding(item, FAIL, "missing" if "missing" in e.reason else e.reason, e.remedy))
     try:  # every mode needs it: it keeps the tunnel, and serves the relay
         out.append(Finding("node helper", OK, helper_binary()))
     except TunnelError as e:
@@ -91,6 +109,8 @@ def _transports(ticket: Ticket) -> tuple[Finding, Transport]:
         else "the relay alone (TCP and DNS)"
     chosen, why = decide(ticket)
     detail = f"the gateway offers {offered}; exec takes {chosen.value}" + (f" ({why})" if why else "")
+    if chosen is Transport.PRELOAD:
+        return Finding("transports", WARN, detail, _ALLOW_NAMESPACES), chosen
     verdict = WARN if chosen is Transport.RELAY_ONLY and ticket.tunnel else OK
     return Finding("transports", verdict, detail,
                    "install openconnect and allow /dev/net/tun for the full-IP tunnel" if verdict == WARN else ""), chosen
@@ -152,7 +172,7 @@ except socket.gaierror as e:
 """
 
 
-def _tunnel(ticket_path: Path, timeout: float, dns_name: str, relay_only: bool) -> list[Finding]:
+def _tunnel(ticket_path: Path, timeout: float, dns_name: str, chosen: Transport) -> list[Finding]:
     """A plain `exec` on this node, as a job would run it: does it come up, and resolve a name?"""
     with tempfile.NamedTemporaryFile(prefix="vpn-check-", suffix=".log") as log:
         argv = [sys.executable, "-m", "vpn_provider", "exec", "--ticket", str(ticket_path),
@@ -163,7 +183,8 @@ def _tunnel(ticket_path: Path, timeout: float, dns_name: str, relay_only: bool) 
         except subprocess.TimeoutExpired:
             return [Finding("tunnel", FAIL, f"no result within {timeout + 30:g} s")]
         oc_log = Path(log.name).read_text(errors="replace")
-    row, via = ("relay-only worker", "the relay") if relay_only else ("authentication + tunnel", "tunnel")
+    relay_only = not chosen.needs_tunnel
+    row, via = (f"{chosen.value} worker", "the relay") if relay_only else ("authentication + tunnel", "tunnel")
     if done.returncode == 125:
         return [Finding(row, FAIL, done.stderr.strip().splitlines()[-1].removeprefix("vpn-provider: "))]
     out = [Finding(row, OK, "the relay answered" if relay_only else "tunnel came up")]
@@ -186,8 +207,10 @@ def _tunnel(ticket_path: Path, timeout: float, dns_name: str, relay_only: bool) 
     return out
 
 
-def run_checks(ticket_path: Path, *, timeout: float = 15.0, dns_name: str = "cern.ch") -> int:
-    findings = _namespaces() + _binaries()
+def run_checks(ticket_path: Path, *, timeout: float = 15.0, dns_name: str = "cern.ch",
+               programs: tuple[str, ...] = ()) -> int:
+    """``programs``: the job's own, besides the usual ones, for the preload transport's verdict."""
+    findings = _namespaces(programs) + _binaries()
     try:
         ticket = Ticket.load(ticket_path)
         findings.append(Finding("ticket", OK, f"{len(ticket.gateways)} gateway address(es), user {ticket.user}"))
@@ -198,9 +221,8 @@ def run_checks(ticket_path: Path, *, timeout: float = 15.0, dns_name: str = "cer
         transports, chosen = _transports(ticket)
         reach = _reachability(ticket, timeout)
         findings += [transports, *reach]
-        relay_only = chosen is Transport.RELAY_ONLY
-        if any(f.verdict == OK and f.item.startswith("pin" if not relay_only else "TCP relay") for f in reach):
-            findings += _tunnel(ticket_path, timeout, dns_name, relay_only)
+        if any(f.verdict == OK and f.item.startswith("TCP relay" if not chosen.needs_tunnel else "pin") for f in reach):
+            findings += _tunnel(ticket_path, timeout, dns_name, chosen)
     width = max(len(f.item) for f in findings)
     for f in findings:
         line = f"{f.item:<{width}}  {f.verdict:<4}  {f.detail}"

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--timeout", type=_positive, default=15.0)
     ck.add_argument("--dns-name", default="cern.ch",
                     help="name to look up through the tunnel (default cern.ch)")
+    ck.add_argument("--program", action="append", default=[], metavar="NAME",
+                    help="a program of the job's: where user namespaces are off, say whether the preload "
+                         "transport reaches it (repeatable; curl, python3, xrdcp and the like are always looked at)")
     return p
 
 
@@ -216,7 +219,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from .check import run_checks
-    return run_checks(args.ticket, timeout=args.timeout, dns_name=args.dns_name)
+    return run_checks(args.ticket, timeout=args.timeout, dns_name=args.dns_name, programs=tuple(args.program))
 
 
 def main(argv: list[str] | None = None) -> int:
