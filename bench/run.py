@@ -29,8 +29,10 @@ BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
 # ours: the defaults (TCP through the encrypted relay, the rest through the tunnel); ours-plain: the
 # same with the gateway's --plain-relay opt-out; ours-tunnel: --tcp tunnel; ours-relay-only:
-# --tcp relay-only (no tunnel).
-PATHS = ("native", "ours", "ours-plain", "ours-tunnel", "ours-relay-only", "prototype")
+# --tcp relay-only (no tunnel); ours-preload: a plain exec on a node where user namespaces are
+# off (sim/userns_off.py), which takes the preload transport.
+PATHS = ("native", "ours", "ours-plain", "ours-tunnel", "ours-relay-only", "ours-preload", "prototype")
+USERNS_OFF_PATHS = {"ours-preload"}
 PLAIN_PORT = "8460"  # the --plain-relay gateway's listen port (its relay: + 1)
 PROTOTYPE_PORT = "8450"
 IPERF_BASE_PORT = 5201
@@ -51,7 +53,7 @@ class Bench:
         #: paths that run `vpn-provider exec`: name -> (ticket, extra exec options)
         self.exec_paths: dict[str, tuple[Path, list[str]]] = {
             "ours": (ticket, []), "ours-tunnel": (ticket, ["--tcp", "tunnel"]),
-            "ours-relay-only": (ticket, ["--tcp", "relay-only"]),
+            "ours-relay-only": (ticket, ["--tcp", "relay-only"]), "ours-preload": (ticket, []),
             "ours-plain": (self.home / "gw-plain" / "ticket.json", [])}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -115,7 +117,8 @@ class Bench:
         if path in self.exec_paths:
             ticket, extra = self.exec_paths[path]
             return [site.popen_user(self.node, [VP, "exec", *extra, "--ticket", str(ticket), "--", *argv],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+                                    userns_off=path in USERNS_OFF_PATHS, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)]
         # The prototype: `vpnns -- CMD` creates the namespace, openconnect attaches to it.
         cmd = site.popen_user(self.node, ["vpnns", "--name", tag, "--", "sh", "-c", _WAIT_ROUTE, "sh", *argv],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -251,7 +254,8 @@ class Bench:
         pages in full), and with four workers on the node their PSS and private memory each."""
         out = {}
         for path, comms in (("ours", {"openconnect", "vpnp-helper"}), ("ours-tunnel", {"openconnect", "vpnp-helper"}),
-                            ("ours-relay-only", {"vpnp-helper"}), ("prototype", {"openconnect", "vpnns"})):
+                            ("ours-relay-only", {"vpnp-helper"}), ("ours-preload", {"vpnp-helper"}),
+                            ("prototype", {"openconnect", "vpnns"})):
             # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
             rss = self._hold(path, 1, 4, 2.5, lambda: self.memory_kb_by_comm(comms))
             out[f"{path}_worker_tunnel_mb"] = sum(rss.values()) / 1024
@@ -354,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                     results["runs"][cap_name] = per_cap
                 bench.cap(None)
                 latency = {p: sorted(bench.start_latency(p) for _ in range(args.latency_runs))
-                           for p in ("native", "ours", "ours-relay-only")}
+                           for p in ("native", "ours", "ours-relay-only", "ours-preload")}
                 results["exec_to_cmd_s"] = {p: {"median": median(v), "p90": v[int(0.9 * (len(v) - 1))]}
                                             for p, v in latency.items()}
                 results["memory"] = bench.memory()
                 results["recovery_s"] = {}
-                for path in ("ours", "ours-tunnel", "ours-relay-only"):  # all on the restarted gateway
+                for path in ("ours", "ours-tunnel", "ours-relay-only", "ours-preload"):  # all on the restarted gateway
                     runs = resilience.recovery_s(bench, path, args.restarts)
                     results["recovery_s"][path] = {"runs": runs, "median": median(runs)}
                     print(f"recovery {path:>15}: {', '.join(f'{r:.2f}' for r in runs)} s", flush=True)

@@ -19,12 +19,12 @@ def test_benchmark_smoke_run_writes_table_json_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio to native" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    for path in ("native", "ours", "ours-relay-only", "prototype"):
+    for path in ("native", "ours", "ours-relay-only", "ours-preload", "prototype"):
         assert results["runs"]["1gbit"][path]["aggregate_mbit_s"]["1"] > 0
-    assert results["exec_to_cmd_s"]["ours"]["median"] > 0
+    assert results["exec_to_cmd_s"]["ours"]["median"] > 0 and results["exec_to_cmd_s"]["ours-preload"]["median"] > 0
     assert results["memory"]["ours_worker_tunnel_mb"] > 0
     assert 0 < results["memory"]["ours-relay-only_worker_tunnel_mb"] < results["memory"]["ours_worker_tunnel_mb"]
-    for path in ("ours", "ours-tunnel", "ours-relay-only"):
+    for path in ("ours", "ours-tunnel", "ours-relay-only", "ours-preload"):
         assert 0 < results["recovery_s"][path]["median"] < 60
     assert results["bursts"]["ours"]["workers"] == 8 and results["bursts"]["ours"]["gateway_mb"] > 0
     assert results["bursts"]["ours-relay-only"]["nodes"] == 4

@@ -268,7 +268,7 @@ static int relayed(connect_fn real_connect, int fd, int family, char verb, const
 
 /* ---- getpeername() ------------------------------------------------------------------------ */
 
-static struct { int fd; socklen_t len; struct sockaddr_storage to; } tracked[TRACKED];
+static struct { int fd; socklen_t len; struct sockaddr_in6 to; } tracked[TRACKED];  /* room for either family */
 static pthread_mutex_t tracked_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void track(int fd, const struct sockaddr *to, socklen_t len)
@@ -287,6 +287,7 @@ EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
     REAL(getpeername, getpeername_fn);
     struct sockaddr_storage peer, helper;
     socklen_t peer_len = sizeof peer;
+    _Static_assert(sizeof tracked[0].to <= sizeof peer, "a tracked destination fits a sockaddr_storage");
     if (!port4 || !addr || !len || fd < 0 || real_getpeername(fd, (struct sockaddr *)&peer, &peer_len) < 0)
         return real_getpeername(fd, addr, len);
     socklen_t helper_len = helper_address(peer.ss_family, &helper);
