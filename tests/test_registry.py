@@ -13,12 +13,28 @@ B = (Endpoint("198.19.20.2", 8443),)
 
 def test_every_gateway_lands_in_the_ticket_and_a_restart_replaces_its_own_entry(tmp_path):
     with registry.locked(tmp_path):
-        assert registry.register(tmp_path, "login1-a", A, 8444) == A
+        assert registry.register(tmp_path, "login1-a", A, 8444) == (A, True)
     with registry.locked(tmp_path):
-        assert registry.register(tmp_path, "login2-b", B, 8444) == B + A
+        assert registry.register(tmp_path, "login2-b", B, 8444) == (B + A, True)
     moved = (Endpoint("198.19.20.9", 8443),)
     with registry.locked(tmp_path):  # login1's gateway comes back on another address
-        assert registry.register(tmp_path, "login1-a", moved, 8444) == moved + B
+        assert registry.register(tmp_path, "login1-a", moved, 8444) == (moved + B, True)
+
+
+def test_one_ticket_offers_the_tunnel_only_if_every_gateway_in_it_does(tmp_path):
+    """A worker may land on any gateway of its ticket: the relay alone on one is the relay alone
+    for all, whichever of them started last."""
+    with registry.locked(tmp_path):
+        assert registry.register(tmp_path, "login1-a", A, 8444, tunnel=False) == (A, False)
+    with registry.locked(tmp_path):
+        assert registry.register(tmp_path, "login2-b", B, 8444, tunnel=True) == (B + A, False)
+    with registry.locked(tmp_path):  # login1 gets ocserv and starts again
+        assert registry.register(tmp_path, "login1-a", A, 8444, tunnel=True) == (A + B, True)
+    older = tmp_path / "gateways.d" / "login3-c.json"  # written before the field: it had the tunnel
+    older.write_text('{"gateways": ["198.19.20.3:8443"], "relay_port": 8444}\n')
+    older.chmod(0o600)
+    with registry.locked(tmp_path):
+        assert registry.register(tmp_path, "login1-a", A, 8444).tunnel is True
 
 
 def test_gateways_sharing_credentials_must_share_the_relay_port(tmp_path):

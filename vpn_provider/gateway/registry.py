@@ -6,14 +6,16 @@ shared home filesystem (``gateway start --credentials DIR``):
 
     DIR/server.pem, server-key.pem, ca*.pem   one server key, so one certificate pin
     DIR/client-secret, ocpasswd               one client secret
-    DIR/gateways.d/<name>.json                each gateway's advertised addresses and relay port
+    DIR/gateways.d/<name>.json                each gateway's advertised addresses, relay port and
+                                              whether it offers the tunnel
     DIR/ticket.json                           names every registered gateway
 
 Whoever starts first creates the credentials; the others adopt them. Every start registers the
 gateway and rewrites the ticket with all of them, under an flock on DIR/gateways.lock. A stop
 keeps the entry: a worker that finds a gateway down moves on to another at once, and a
 restarted gateway is back in every ticket already handed out. Remove its file from gateways.d
-to retire a gateway for good.
+to retire a gateway for good. One ticket offers workers the tunnel only if every gateway in it
+does: a worker may land on any of them.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import GatewayError
 from ..ticket import Endpoint
@@ -59,11 +62,16 @@ def check(cred_dir: Path) -> None:
         check_file(path)
 
 
-def others(cred_dir: Path, name: str, relay_port: int) -> list[Endpoint]:
-    """The other registered gateways' addresses; GatewayError if one uses another relay port
-    (checked before start-up too, so a mismatch fails fast). Call with ``locked`` held."""
+class Entry(NamedTuple):
+    gateways: tuple[Endpoint, ...]
+    tunnel: bool  # it offers the tunnel (entries written before the field: every gateway did)
+
+
+def others(cred_dir: Path, name: str, relay_port: int) -> list[Entry]:
+    """The other registered gateways; GatewayError if one uses another relay port (checked
+    before start-up too, so a mismatch fails fast). Call with ``locked`` held."""
     entries = cred_dir / _ENTRIES
-    found: list[Endpoint] = []
+    found: list[Entry] = []
     for path in sorted(entries.glob("*.json")) if entries.is_dir() else ():
         if path.stem == name:
             continue
@@ -71,6 +79,9 @@ def others(cred_dir: Path, name: str, relay_port: int) -> list[Endpoint]:
             data = json.loads(read_file(path))
             theirs = tuple(Endpoint.parse(g) for g in data["gateways"])
             their_relay = int(data["relay_port"])
+            tunnel = data.get("tunnel", True)
+            if not isinstance(tunnel, bool):
+                raise ValueError("'tunnel' must be true or false")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise GatewayError(f"unreadable gateway entry {path}: {e}", "remove it if that gateway is gone") from None
         if their_relay != relay_port:
@@ -78,17 +89,21 @@ def others(cred_dir: Path, name: str, relay_port: int) -> list[Endpoint]:
             raise GatewayError(f"the gateway in {path} uses relay port {their_relay or 'none'}, this one "
                                f"{relay_port or 'none'}", "give every gateway sharing credentials the same "
                                "--relay-port (and all or none --no-relay)")
-        found += theirs
+        found.append(Entry(theirs, tunnel))
     return found
 
 
-def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_port: int) -> tuple[Endpoint, ...]:
-    """Record this gateway; return every registered gateway's addresses, this one's first.
-    Call with ``locked(cred_dir)`` held."""
+def register(cred_dir: Path, name: str, endpoints: tuple[Endpoint, ...], relay_port: int,
+             *, tunnel: bool = True) -> Entry:
+    """Record this gateway (``tunnel``: it offers the tunnel); return every registered
+    gateway's addresses, this one's first, and whether all of them offer the tunnel, which is
+    what their one ticket can promise. Call with ``locked(cred_dir)`` held."""
     entries = cred_dir / _ENTRIES
     entries.mkdir(mode=0o700, exist_ok=True)
     theirs = others(cred_dir, name, relay_port)
     tmp = entries / f".{name}.{os.getpid()}.tmp"
-    write_file(tmp, (json.dumps({"gateways": [str(e) for e in endpoints], "relay_port": relay_port}) + "\n").encode())
+    entry = {"gateways": [str(e) for e in endpoints], "relay_port": relay_port, "tunnel": tunnel}
+    write_file(tmp, (json.dumps(entry) + "\n").encode())
     os.replace(tmp, entries / f"{name}.json")
-    return tuple(dict.fromkeys((*endpoints, *theirs)))
+    return Entry(tuple(dict.fromkeys((*endpoints, *(e for other in theirs for e in other.gateways)))),
+                 tunnel and all(other.tunnel for other in theirs))

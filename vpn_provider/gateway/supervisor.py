@@ -181,9 +181,13 @@ class Supervisor:
         if not self.relay_alone:
             _wait_accepting(cfg, creds.pin, self._ocserv_alive)
         with registry.locked(cfg.credentials):
-            every_gateway = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port)
-            ticket = Ticket(gateways=every_gateway, pin=creds.pin, user=creds.user, secret=creds.secret,
-                            relay_port=relay_port, tunnel=not self.relay_alone)
+            every = registry.register(cfg.credentials, registry.entry_name(cfg.state_dir), endpoints, relay_port,
+                                      tunnel=not self.relay_alone)
+            ticket = Ticket(gateways=every.gateways, pin=creds.pin, user=creds.user, secret=creds.secret,
+                            relay_port=relay_port, tunnel=every.tunnel)
+        if every.tunnel != (not self.relay_alone):
+            log.warning("the ticket offers workers no tunnel: another gateway sharing %s runs the relay alone",
+                        cfg.credentials)
             ticket.save(cfg.ticket_path)
         log.info("gateway up on %s (%s)", cfg.listen,
                  "the relay alone" if self.relay_alone else f"egress {self.egress.name}")
