@@ -249,13 +249,15 @@ class Bench:
                     p.terminate()
                     p.wait(timeout=15)
 
-    def memory(self) -> dict:
+    def memory(self, paths: tuple[str, ...]) -> dict:
         """RSS of one worker's tunnel processes (the issue's measure; it counts shared library
         pages in full), and with four workers on the node their PSS and private memory each."""
         out = {}
         for path, comms in (("ours", {"openconnect", "vpnp-helper"}), ("ours-tunnel", {"openconnect", "vpnp-helper"}),
                             ("ours-relay-only", {"vpnp-helper"}), ("ours-preload", {"vpnp-helper"}),
                             ("prototype", {"openconnect", "vpnns"})):
+            if path not in paths:
+                continue
             # vpnns counts twice in the prototype: the `--attach` copier and the namespace's parent.
             rss = self._hold(path, 1, 4, 2.5, lambda: self.memory_kb_by_comm(comms))
             out[f"{path}_worker_tunnel_mb"] = sum(rss.values()) / 1024
@@ -263,6 +265,8 @@ class Bench:
                                                                 self.memory_kb_by_comm(comms, "Private")))
             out[f"{path}_worker_tunnel_pss_mb"] = sum(pss.values()) / 4 / 1024
             out[f"{path}_worker_tunnel_private_mb"] = sum(private.values()) / 4 / 1024
+        if "ours" not in paths:
+            return out
         gw = {"ocserv-main", "ocserv-sm", "ocserv-worker", "slirp4netns", "vpnp-gw-relay"}
         by_comm = self._hold("ours", 16, 6, 4, lambda: self.memory_kb_by_comm(gw))
         out["gateway_16_clients_mb"] = sum(by_comm.values()) / 1024
@@ -321,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="about a minute: checks the benchmark works")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure, median taken (default 3; smoke 1)")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated paths to measure (default all: {','.join(PATHS)}); native always")
     args = ap.parse_args(argv)
+    asked = set(args.paths.split(","))
+    if asked - set(PATHS):
+        ap.error(f"unknown paths: {', '.join(sorted(asked - set(PATHS)))}")
+    args.paths = tuple(p for p in PATHS if p in asked or p == "native")
     repeats, args.seconds = (1, 1) if args.smoke else (3, 5)
     args.repeats = args.repeats or repeats
     args.workers = [1, 2] if args.smoke else [1, 2, 4, 8, 16]
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 for cap_name, rate in caps.items():
                     bench.cap(rate)
                     per_cap: dict = {}
-                    for path in PATHS:
+                    for path in args.paths:
                         entry: dict = {"aggregate_mbit_s": {}, "cpu_s_per_gb": [], "xrootd_mbit_s": []}
                         for n in args.workers:
                             runs = [bench.iperf(path, n) for _ in range(args.repeats)]
@@ -358,18 +368,20 @@ def main(argv: list[str] | None = None) -> int:
                     results["runs"][cap_name] = per_cap
                 bench.cap(None)
                 latency = {p: sorted(bench.start_latency(p) for _ in range(args.latency_runs))
-                           for p in ("native", "ours", "ours-relay-only", "ours-preload")}
+                           for p in ("native", "ours", "ours-relay-only", "ours-preload") if p in args.paths}
                 results["exec_to_cmd_s"] = {p: {"median": median(v), "p90": v[int(0.9 * (len(v) - 1))]}
                                             for p, v in latency.items()}
-                results["memory"] = bench.memory()
+                results["memory"] = bench.memory(args.paths)
                 results["recovery_s"] = {}
                 for path in ("ours", "ours-tunnel", "ours-relay-only", "ours-preload"):  # all on the restarted gateway
+                    if path not in args.paths:
+                        continue
                     runs = resilience.recovery_s(bench, path, args.restarts)
                     results["recovery_s"][path] = {"runs": runs, "median": median(runs)}
                     print(f"recovery {path:>15}: {', '.join(f'{r:.2f}' for r in runs)} s", flush=True)
-                results["bursts"] = {"ours": resilience.burst(bench, "ours", args.burst_default, 1),
-                                     "ours-relay-only": resilience.burst(bench, "ours-relay-only",
-                                                                         args.burst_relay_only // 4, 4)}
+                bursts = {"ours": (args.burst_default, 1), "ours-relay-only": (args.burst_relay_only // 4, 4)}
+                results["bursts"] = {path: resilience.burst(bench, path, *size) for path, size in bursts.items()
+                                     if path in args.paths}
             finally:
                 bench.close()
     finally:
