@@ -22,6 +22,18 @@ DEBIAN_WORK_QUEUE = Path("/usr/lib/python3/dist-packages/work_queue.py")
 # aliases in tests/support on the path before any test does that (see tests/support/ndcctools).
 if importlib.util.find_spec("ndcctools") is None and DEBIAN_WORK_QUEUE.exists():
     sys.path.append(str(SUPPORT))
+def taskvine_unavailable() -> str | None:
+    """Why CCTools' TaskVine cannot be used here (scripts/setup builds it), or None."""
+    try:  # a submodule's spec imports its parent, which may be missing altogether
+        found = importlib.util.find_spec("ndcctools.taskvine") is not None
+    except ModuleNotFoundError:
+        found = False
+    if found and (Path(sys.executable).parent / "vine_worker").exists():
+        return None
+    why = Path(__file__).resolve().parent.parent / "build" / "taskvine-unavailable"
+    return why.read_text().strip() if why.exists() else "TaskVine is not installed in this venv (scripts/setup builds it)"
+
+
 SITE_TOOLS = ("ocserv", "openconnect", "slirp4netns", "dnsmasq", "xrootd", "xrdcp", "curl", "iptables", "iperf3",
               "vpnns")
 

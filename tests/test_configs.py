@@ -1,9 +1,6 @@
 """Every example config in configs/ loads, wraps its workers in the VPN, and produces worker
-command lines that reach `vpn-provider exec` intact.
-
-TaskVine cannot run here (no vine_worker, and its Python bindings come only from conda), so
-tests/support provides a TEST-ONLY stand-in for ndcctools.taskvine that lets Parsl construct the
-executor; the tests check the exact command lines Parsl and vine_factory would run."""
+command lines that reach `vpn-provider exec` intact. TaskVine's are CCTools' own bindings, built
+by scripts/setup from Debian's source package (scripts/build-taskvine)."""
 from __future__ import annotations
 
 import importlib
@@ -24,10 +21,13 @@ if importlib.util.find_spec("ndcctools") is None:
     pytest.skip("no Work Queue bindings: neither ndcctools nor Debian's python3-workqueue",
                 allow_module_level=True)
 
+from conftest import taskvine_unavailable  # noqa: E402
 from vpn_provider.parsl import VPNLauncher  # noqa: E402
 
 VP = str(Path(sys.executable).parent / "vpn-provider")
-CONFIGS = ["configs.sim_site", "configs.slurm_htex", "configs.slurm_workqueue", "configs.taskvine_provider"]
+needs_taskvine = pytest.mark.skipif(bool(taskvine_unavailable()), reason=taskvine_unavailable() or "")
+CONFIGS = ["configs.sim_site", "configs.slurm_htex", "configs.slurm_workqueue",
+           pytest.param("configs.taskvine_provider", marks=needs_taskvine)]
 
 
 def dry_run(command_text: str) -> dict:
@@ -49,12 +49,14 @@ def test_config_loads_and_wraps_workers_in_the_vpn(module):
     assert custom.ticket == "/shared/me/ticket.json"
 
 
-def test_slurm_configs_take_partition_and_account():
-    for module in ("configs.slurm_htex", "configs.slurm_workqueue", "configs.taskvine_provider"):
-        provider = importlib.import_module(module).make_config(partition="gpu", account="cms").executors[0].provider
-        assert provider.partition == "gpu" and provider.account == "cms"
+@pytest.mark.parametrize("module", ["configs.slurm_htex", "configs.slurm_workqueue",
+                                    pytest.param("configs.taskvine_provider", marks=needs_taskvine)])
+def test_slurm_configs_take_partition_and_account(module):
+    provider = importlib.import_module(module).make_config(partition="gpu", account="cms").executors[0].provider
+    assert provider.partition == "gpu" and provider.account == "cms"
 
 
+@needs_taskvine
 def test_taskvine_provider_mode_worker_command():
     mod = importlib.import_module("configs.taskvine_provider")
     executor = mod.make_config(ticket="~/.vpn/ticket.json", address="198.19.20.1", port=9124).executors[0]

@@ -1,2 +1,0 @@
-"""TEST-ONLY stand-in (see __init__.py)."""
-VINE_DEFAULT_PORT = 9123
