@@ -118,7 +118,7 @@ def site_env():
     prior_mode = os.stat("/dev/net/tun").st_mode & 0o777
     # Model an ordinary compute node: distributions ship /dev/net/tun as 0666 (see README).
     os.chmod("/dev/net/tun", 0o666)
-    site = Site(nodes=1).build()
+    site = Site(nodes=2).build()  # two: jobs that span nodes (srun -N2)
     try:
         docroot = services.docroot(site)
         big_sha = data.random_file(docroot / "big.bin", 200)
@@ -136,6 +136,17 @@ def site_env():
     finally:
         site.close()
         os.chmod("/dev/net/tun", prior_mode)
+
+
+@pytest.fixture(scope="session")
+def slurm(site_env):
+    """Real Slurm (Debian's) on the site: slurmctld on the login host, a slurmd on each node."""
+    from vpn_provider.sim.slurm import SlurmCluster, missing_programs
+    if missing_programs():
+        pytest.skip(f"Slurm is not installed ({', '.join(missing_programs())}); scripts/setup installs it")
+    cluster = SlurmCluster(site_env.site).start()
+    yield cluster
+    cluster.close()
 
 
 def root_helper(site, host, script: str, *args: str) -> subprocess.Popen:

@@ -1,6 +1,6 @@
 """The example notebook, executed with nbclient on the simulated site: Coffea's Runner with
-ParslExecutor, workers started by VPNLauncher(SrunLauncher()) on the compute node (through the
-SimSlurm stand-in, see test_site_parsl.py), ROOT files read over XRootD by DNS name."""
+ParslExecutor, workers started by VPNLauncher(SrunLauncher()) on the compute nodes through the
+site's Slurm, ROOT files read over XRootD by DNS name."""
 from __future__ import annotations
 
 import sys
@@ -27,21 +27,15 @@ def dimuon_files(site_env):
     return names
 
 
-def test_notebook_runs_coffea_over_xrootd_through_vpn_workers(site_env, dimuon_files):
-    from vpn_provider.sim.slurm import SimSlurm
+def test_notebook_runs_coffea_over_xrootd_through_vpn_workers(site_env, dimuon_files, slurm):
     site, home = site_env.site, site_env.site.home
     png, executed = home / "dimuon_mass.png", home / "executed.ipynb"
-    env = {"PATH": f"{{bin}}:{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "VPN_TICKET": str(site_env.ticket),
+    env = {"PATH": f"{slurm.bin_dir}:{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "VPN_TICKET": str(site_env.ticket),
            "DIMUON_FILES": " ".join(dimuon_files), "WORKERS": "2", "CHUNKSIZE": "20000",
            "DIMUON_PNG": str(png), "WORKER_INIT": f"export PATH={VENV_BIN}:$PATH", "MPLBACKEND": "Agg"}
-    with_slurm = SimSlurm(site).start()
-    try:
-        env["PATH"] = env["PATH"].format(bin=with_slurm.bin_dir)
-        done = site.run_user(site.login, [str(VENV_BIN / "python"), "-m", "vpn_provider.sim.notebook", "execute",
-                                          str(REPO / "notebooks" / "dimuon_xrootd.ipynb"), str(executed)],
-                             env=env, timeout=600, cwd=str(home))
-    finally:
-        with_slurm.close()
+    done = site.run_user(site.login, [str(VENV_BIN / "python"), "-m", "vpn_provider.sim.notebook", "execute",
+                                      str(REPO / "notebooks" / "dimuon_xrootd.ipynb"), str(executed)],
+                         env=env, timeout=600, cwd=str(home))
     assert done.returncode == 0, done.stderr[-4000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import nbformat

@@ -138,13 +138,15 @@ def test_a_work_queue_worker_fetches_through_preload(site_env):
 
 
 def test_parsl_htex_workers_fetch_through_preload(site_env):
-    """Parsl's real SlurmProvider and VPNLauncher; SimSlurm stands in for Slurm, which cannot run
-    here (see test_site_parsl), and starts each job on a node where user namespaces are off."""
+    """Parsl's real SlurmProvider and VPNLauncher, on a second Slurm cluster whose slurmd's (and
+    so every job) run where user namespaces are off."""
     from test_site_parsl import _results, run_driver
 
     from vpn_provider.sim.data import sha256_of
-    from vpn_provider.sim.slurm import SimSlurm
-    slurm = SimSlurm(site_env.site, userns_off=True).start()
+    from vpn_provider.sim.slurm import SlurmCluster, missing_programs
+    if missing_programs():
+        pytest.skip(f"Slurm is not installed ({', '.join(missing_programs())}); scripts/setup installs it")
+    slurm = SlurmCluster(site_env.site, name="slurm-userns-off", port=6827, userns_off=True).start()
     try:
         kwargs = {"ticket": str(site_env.ticket), "partition": None, "account": None, "nodes": 1,
                   "workers_per_node": 2, "worker_init": f"export PATH={os.path.dirname(VP)}:$PATH",

@@ -31,7 +31,11 @@ def checksum(url: str) -> dict:
     f.close()
     default_dev = next((ln.split()[0] for ln in open("/proc/net/route").read().splitlines()[1:]
                         if ln.split()[1] == "00000000"), None)
-    return {"sha256": digest.hexdigest(), "bytes": offset, "default_route_dev": default_dev}
+    import os
+    import time
+    time.sleep(1)  # long enough that every worker of the block gets a task
+    return {"sha256": digest.hexdigest(), "bytes": offset, "default_route_dev": default_dev,
+            "node": os.environ.get("SLURMD_NODENAME"), "cwd": os.getcwd()}
 
 
 def main() -> None:

@@ -185,10 +185,10 @@ class Supervisor:
                                       tunnel=not self.relay_alone)
             ticket = Ticket(gateways=every.gateways, pin=creds.pin, user=creds.user, secret=creds.secret,
                             relay_port=relay_port, tunnel=every.tunnel)
+            ticket.save(cfg.ticket_path)
         if every.tunnel != (not self.relay_alone):
             log.warning("the ticket offers workers no tunnel: another gateway sharing %s runs the relay alone",
                         cfg.credentials)
-            ticket.save(cfg.ticket_path)
         log.info("gateway up on %s (%s)", cfg.listen,
                  "the relay alone" if self.relay_alone else f"egress {self.egress.name}")
         return ticket

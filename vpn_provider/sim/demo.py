@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import data, services
 from .site import XROOTD_NAME, Site
-from .slurm import SimSlurm
+from .slurm import SlurmCluster
 
 BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
@@ -75,7 +75,7 @@ def run(site: Site, args: argparse.Namespace) -> int:
     print(up.stdout.strip() or up.stderr.strip())
     if up.returncode != 0:
         return 1
-    slurm = SimSlurm(site).start()
+    slurm = SlurmCluster(site).start()
     png = site.home / "dimuon_mass.png"
     try:
         step(f"login host: Coffea + Parsl (notebooks/{NOTEBOOK.name}); {args.workers} workers in the VPN "
