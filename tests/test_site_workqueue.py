@@ -59,19 +59,26 @@ def test_worker_wrapped_by_exec(site_env, tcp, port):
     assert site_env.leftovers(timeout=15) == set()
 
 
-def test_workers_started_by_work_queue_factory_with_wrapper(site_env):
+@pytest.mark.parametrize("batch,port", [("local", 9124), ("slurm", 9126)])
+def test_workers_started_by_work_queue_factory_with_wrapper(site_env, request, batch, port):
     """`--wrapper-input` ships the ticket into each worker's sandbox; `--wrapper` prefixes the
     worker command. Workers run with --parent-death: since `exec` becomes the worker, its parent
-    stays the factory's job shell, so it keeps running, and it exits when the factory ends it."""
+    stays the factory's job shell, so it keeps running, and it exits when the factory ends it.
+    -T local runs the factory on the node; -T slurm on the login host, submitting to the site's
+    Slurm."""
     expected = urls_and_sums(site_env)
-    mgr = start_manager(site_env, 9124, list(expected))
-    scratch = site_env.site.home / "factory-scratch"
+    mgr = start_manager(site_env, port, list(expected))
+    scratch = site_env.site.home / f"factory-scratch-{batch}"
+    host, env = site_env.node, None
+    if batch == "slurm":
+        slurm = request.getfixturevalue("slurm")
+        host, env = site_env.site.login, {"PATH": f"{slurm.bin_dir}:/usr/bin:/bin"}
     factory = site_env.site.popen_user(
-        site_env.node, ["work_queue_factory", "-T", "local", "--min-workers", "1", "--max-workers", "1",
-                        "--timeout", "60", "-S", str(scratch), "--extra-options=--parent-death",
-                        "--wrapper", f"{VP} exec --ticket ticket.json --",
-                        "--wrapper-input", str(site_env.ticket), LOGIN, "9124"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        host, ["work_queue_factory", "-T", batch, "--min-workers", "1", "--max-workers", "1",
+               "--timeout", "60", "-S", str(scratch), "--extra-options=--parent-death",
+               "--wrapper", f"{VP} exec --ticket ticket.json --",
+               "--wrapper-input", str(site_env.ticket), LOGIN, str(port)],
+        env=env, cwd=str(site_env.site.home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         results = finish(mgr)
     finally:

@@ -1,0 +1,96 @@
+"""TaskVine end to end on the simulated site, with CCTools' own TaskVine (built from Debian's
+cctools source package by scripts/build-taskvine) and the site's real Slurm: a manager on the
+login host, VPN-wrapped vine_workers on the compute nodes that reach it, and XRootD by DNS name,
+through the VPN. Managers always listen on a fixed port: with port 0, TaskVine names a project
+and its workers would ask the public catalog server."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import VP, taskvine_unavailable
+
+pytestmark = [pytest.mark.site, pytest.mark.skipif(bool(taskvine_unavailable()), reason=taskvine_unavailable() or "")]
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+LOGIN = "198.19.20.1"
+
+
+def urls_and_sums(site_env) -> dict[str, str]:
+    from vpn_provider.sim.data import sha256_of
+    events = site_env.site.workdir / "www" / "events.root"
+    return {f"{site_env.xrootd_url}/data/big.bin": site_env.big_sha,
+            f"{site_env.xrootd_url}/data/events.root": sha256_of(events)}
+
+
+def start_manager(site_env, port: int, urls: list[str]) -> subprocess.Popen:
+    mgr = site_env.site.popen_user(site_env.site.login, [str(VENV_BIN / "python"),
+                                                         str(REPO / "tests/drivers/vine_manager.py"), str(port), *urls],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   cwd=str(site_env.site.home))
+    line = mgr.stdout.readline()
+    assert line.startswith("listening"), mgr.stderr.read()
+    return mgr
+
+
+def finish(mgr: subprocess.Popen, timeout=180) -> dict:
+    out, err = mgr.communicate(timeout=timeout)
+    assert mgr.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_vpn_wrapped_vine_worker_reads_xrootd_for_a_manager_on_the_login_host(site_env):
+    expected = urls_and_sums(site_env)
+    mgr = start_manager(site_env, 9141, list(expected))
+    worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--",
+                                                      str(VENV_BIN / "vine_worker"), "--timeout", "60", LOGIN, "9141"],
+                                      env={"PATH": f"{VENV_BIN}:/usr/bin:/bin"}, cwd=str(site_env.site.home),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        results = finish(mgr)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+    assert {url: r["output"] for url, r in results.items()} == expected
+    assert site_env.leftovers(timeout=15) == set()
+
+
+def test_vine_factory_submits_vpn_wrapped_workers_to_slurm(site_env, slurm):
+    """`vine_factory -T slurm --wrapper ... --wrapper-input TICKET`: the factory's jobs run the
+    worker under `vpn-provider exec` in a sandbox that holds the ticket. (Parsl's TaskVine factory
+    mode passes no wrapper: that is what the provider mode with VPNLauncher is for.)"""
+    expected = urls_and_sums(site_env)
+    mgr = start_manager(site_env, 9142, list(expected))
+    scratch = site_env.site.home / "vine-factory-scratch"
+    factory = site_env.site.popen_user(
+        site_env.site.login, [str(VENV_BIN / "vine_factory"), "-T", "slurm", "--min-workers", "1", "--max-workers", "1",
+                              "--timeout", "60", "--scratch-dir", str(scratch), "--extra-options=--parent-death",
+                              "--wrapper", f"{VP} exec --ticket ticket.json --",
+                              "--wrapper-input", str(site_env.ticket), LOGIN, "9142"],
+        env={"PATH": f"{slurm.bin_dir}:{VENV_BIN}:/usr/bin:/bin"}, cwd=str(site_env.site.home),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        results = finish(mgr)
+    finally:
+        factory.terminate()
+        factory.wait(timeout=60)
+    assert {url: r["output"] for url, r in results.items()} == expected, factory.stderr.read()[-2000:]
+    assert site_env.leftovers(timeout=30) == set()
+
+
+def test_taskvine_executor_in_provider_mode_through_slurm_and_vpnlauncher(site_env, slurm):
+    from test_site_parsl import _results, run_driver
+    run_dir = site_env.site.home / "runinfo-taskvine"
+    kwargs = {"ticket": str(site_env.ticket), "partition": None, "account": None, "address": LOGIN, "port": 9143,
+              "worker_init": f"export PATH={VENV_BIN}:$PATH", "run_dir": str(run_dir)}
+    expected = urls_and_sums(site_env)
+    done = run_driver(site_env, slurm, "configs.taskvine_provider", kwargs, list(expected))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = _results(done.stdout)
+    assert [r["sha256"] for r in results] == list(expected.values())
+    assert {r["default_route_dev"] for r in results} == {"vpn0"}
+    assert site_env.leftovers(timeout=30) == set()
