@@ -1,9 +1,9 @@
-"""The demo: a Coffea analysis on a simulated HPC site whose compute node has no route out.
+"""The demo: a Coffea analysis on a simulated HPC site whose compute nodes have no route out.
 
-It builds the site (internet host with DNS and XRootD, login host, compute node), starts the
-gateway on the login host, and runs the example notebook's code there: Parsl submits one job
-to the (simulated) Slurm, whose workers start inside the VPN on the compute node and read the
-ROOT files over XRootD by DNS name. Prints a progress bar, a result table and the throughput,
+It builds the site (internet host with DNS and XRootD, login host, two compute nodes with
+Debian's Slurm), starts the gateway on the login host, and runs the example notebook's code
+there: Parsl submits one two-node job to Slurm, whose srun starts workers inside the VPN on
+each compute node, and they read the ROOT files over XRootD by DNS name. Prints a progress bar, a result table and the throughput,
 and saves the histogram as a PNG.
 
 Run as root (it builds network namespaces); every vpn-provider process runs as a throwaway
@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from . import data, services
+
+NODES = 2  # one Slurm job spanning both: srun starts a VPN-wrapped worker pool on each
 from .site import XROOTD_NAME, Site
 from .slurm import SlurmCluster
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--events", type=int, default=250_000, help="events per file")
-    ap.add_argument("--workers", type=int, default=4, help="Parsl workers on the compute node")
+    ap.add_argument("--workers", type=int, default=2, help="Parsl workers on each compute node")
     ap.add_argument("--png", type=Path, default=Path("out/dimuon_mass.png"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
     os.chmod("/dev/net/tun", 0o666)  # as shipped by most distributions; see README
     try:
-        with Site(nodes=1) as site:
+        with Site(nodes=NODES) as site:
             return run(site, args)
     finally:
         os.chmod("/dev/net/tun", tun_mode)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(site: Site, args: argparse.Namespace) -> int:
     node = site.nodes[0]
     step(f"simulated site {site.prefix}: internet {site.inet.addr}, login {site.login.addr}, "
-         f"compute node {node.addr} (no route out); user {site.user} (unprivileged)")
+         f"compute nodes {', '.join(n.addr for n in site.nodes)} (no route out); user {site.user} (unprivileged)")
     docroot = services.docroot(site)
     urls = []
     for i in range(args.files):
@@ -79,9 +81,9 @@ def run(site: Site, args: argparse.Namespace) -> int:
     png = site.home / "dimuon_mass.png"
     try:
         step(f"login host: Coffea + Parsl (notebooks/{NOTEBOOK.name}); {args.workers} workers in the VPN "
-             f"on the compute node via VPNLauncher(SrunLauncher())")
+             f"on each of {NODES} compute nodes via VPNLauncher(SrunLauncher()), one Slurm job")
         env = {"PATH": f"{slurm.bin_dir}:{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "VPN_TICKET": str(state / "ticket.json"),
-               "DIMUON_FILES": " ".join(urls), "WORKERS": str(args.workers), "CHUNKSIZE": "50000",
+               "DIMUON_FILES": " ".join(urls), "WORKERS": str(args.workers), "NODES": str(NODES), "CHUNKSIZE": "50000",
                "DIMUON_PNG": str(png), "WORKER_INIT": f"export PATH={BIN}:$PATH", "MPLBACKEND": "Agg",
                "COLUMNS": os.environ.get("COLUMNS", "100"), "TERM": os.environ.get("TERM", "xterm")}
         analysis = site.popen_user(site.login, [PY, "-m", "vpn_provider.sim.notebook", "script", str(NOTEBOOK)],
