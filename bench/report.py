@@ -79,7 +79,8 @@ def table(results: dict) -> str:
                      + "; ".join(f"{p} {v['median']:.2f}, {max(v['runs']):.2f}" for p, v in recovery.items()))
     for path, b in results.get("bursts", {}).items():
         lines.append(f"burst of {b['workers']} {path} workers over {b['nodes']} node(s): all running after "
-                     f"{b['all_running_s']:.1f} s (median {b['median_s']:.1f} s); gateway RSS {b['gateway_mb']:.0f} MB ("
+                     f"{b['all_running_s']:.1f} s (median {b['median_s']:.1f} s); "
+                     f"gateway RSS {b['gateway_mb']:.0f} MB ("
                      + ", ".join(f"{name} {mb:.1f}" for name, mb in b["gateway_by_process_mb"].items()) + ")")
     lines.append("\ntargets:")
     for name, value, ok in targets(results):

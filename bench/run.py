@@ -72,7 +72,8 @@ class Bench:
                                         "--listen", f"0.0.0.0:{PLAIN_PORT}", "--plain-relay"])
         assert up.returncode == 0, up.stderr
         self._proto_gw = site.popen_user(site.login, [PY, "-m", "bench.prototype_gateway", str(self.home / "proto"),
-                                                      PROTOTYPE_PORT], env={"PYTHONPATH": str(Path(__file__).parent.parent)},
+                                                      PROTOTYPE_PORT],
+                                         env={"PYTHONPATH": str(Path(__file__).parent.parent)},
                                          stdout=subprocess.PIPE, text=True)
         assert self._proto_gw.stdout.readline().strip() == "READY"
         self._native_route()
@@ -228,9 +229,8 @@ class Bench:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
                 if comm not in comms:
                     continue
-                rollup = _rollup(pid)
-                kb = lambda name: int(rollup[name].split()[0])
-                value = kb("Private_Clean") + kb("Private_Dirty") if field == "Private" else kb(field)
+                rollup = {name: int(text.split()[0]) for name, text in _rollup(pid).items() if text.split()}
+                value = rollup["Private_Clean"] + rollup["Private_Dirty"] if field == "Private" else rollup[field]
                 by_comm[comm] = by_comm.get(comm, 0) + value
             except (OSError, KeyError, ValueError):
                 pass
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                             entry["aggregate_mbit_s"][str(n)] = median([r["mbit_s"] for r in runs])
                             if n == 1:
                                 entry["cpu_s_per_gb"] = median([r["cpu_s_per_gb"] for r in runs if r["cpu_s_per_gb"]])
-                            print(f"{cap_name:>8} {path:>15} x{n:<2} {entry['aggregate_mbit_s'][str(n)]:8.0f} Mbit/s", flush=True)
+                            rate = entry["aggregate_mbit_s"][str(n)]
+                            print(f"{cap_name:>8} {path:>15} x{n:<2} {rate:8.0f} Mbit/s", flush=True)
                         entry["xrootd_mbit_s"] = median([bench.xrootd(path) for _ in range(args.repeats)])
                         per_cap[path] = entry
                     results["runs"][cap_name] = per_cap

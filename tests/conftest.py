@@ -31,7 +31,9 @@ def taskvine_unavailable() -> str | None:
     if found and (Path(sys.executable).parent / "vine_worker").exists():
         return None
     why = Path(__file__).resolve().parent.parent / "build" / "taskvine-unavailable"
-    return why.read_text().strip() if why.exists() else "TaskVine is not installed in this venv (scripts/setup builds it)"
+    if why.exists():
+        return why.read_text().strip()
+    return "TaskVine is not installed in this venv (scripts/setup builds it)"
 
 
 SITE_TOOLS = ("ocserv", "openconnect", "slirp4netns", "dnsmasq", "xrootd", "xrdcp", "curl", "iptables", "iperf3",

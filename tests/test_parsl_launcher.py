@@ -16,14 +16,14 @@ import typeguard
 
 pytest.importorskip("parsl", reason="parsl is an optional dependency: pip install vpn-provider[parsl]")
 
-from parsl.launchers import (AprunLauncher, GnuParallelLauncher, JsrunLauncher, MpiExecLauncher,  # noqa: E402
+from parsl.launchers import (AprunLauncher, GnuParallelLauncher, JsrunLauncher, MpiExecLauncher,
                              MpiRunLauncher, SimpleLauncher, SingleNodeLauncher, SrunLauncher,
                              SrunMPILauncher, WrappedLauncher)
-from parsl.launchers.base import Launcher  # noqa: E402
-from parsl.providers import LocalProvider, SlurmProvider  # noqa: E402
+from parsl.launchers.base import Launcher
+from parsl.providers import LocalProvider, SlurmProvider
 
-from vpn_provider.parsl import VPNLauncher  # noqa: E402
-from vpn_provider.transport import Transport  # noqa: E402
+from vpn_provider.parsl import VPNLauncher
+from vpn_provider.transport import Transport
 
 VP = str(Path(sys.executable).parent / "vpn-provider")
 

@@ -137,8 +137,8 @@ def test_two_thousand_concurrent_relayed_flows_from_four_workers_all_complete(si
     script = site.workdir / "many_flows.py"
     script.write_text(MANY_FLOWS)
     try:
-        workers = [site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--timeout", "60", "--",
-                                                   sys.executable, str(script), site.inet.addr, str(port), "500",
+        workers = [site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--timeout", "60",
+                                                   "--", sys.executable, str(script), site.inet.addr, str(port), "500",
                                                    str(64 << 10)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True) for _ in range(4)]
         results = [w.communicate(timeout=300) for w in workers]

@@ -78,8 +78,8 @@ def test_check_reports_a_healthy_node(site_env):
                        timeout=90)
     assert done.returncode == 0, done.stdout
     for item in ("user namespaces", "/dev/net/tun", "binary openconnect", "pin of 198.19.20.1:8443",
-                 "TCP relay 198.19.20.1:8444", "destination policy", "authentication + tunnel", "UDP (DTLS data channel)",
-                 "DNS through tunnel"):
+                 "TCP relay 198.19.20.1:8444", "destination policy", "authentication + tunnel",
+                 "UDP (DTLS data channel)", "DNS through tunnel"):
         line = next(ln for ln in done.stdout.splitlines() if ln.startswith(item))
         assert " ok " in line, line
     assert site_env.leftovers() == set()

@@ -21,10 +21,12 @@ pytestmark = pytest.mark.site
 # must fail at once, not vanish.
 _UDP6_OUT = ("python3 -c \"import errno, socket, time; t0 = time.monotonic()\n"
              "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(10)\n"
-             "query = bytes.fromhex('beef01000001000000000000') + b'\\x02v6\\x03sim\\x04test\\x00' + bytes.fromhex('001c0001')\n"
+             "query = bytes.fromhex('beef01000001000000000000') + b'\\x02v6\\x03sim\\x04test\\x00'"
+             " + bytes.fromhex('001c0001')\n"
              "try: s.sendto(query, ('2001:db8:10::1', 53)); answer = s.recv(512); "
              "print('udp6=answered' if answer[:2] == query[:2] and answer[7] else 'udp6=empty')\n"
-             "except OSError as e: print('udp6=%s seconds=%.2f' % (errno.errorcode.get(e.errno, e), time.monotonic() - t0))\"")
+             "except OSError as e: print('udp6=%s seconds=%.2f'"
+             " % (errno.errorcode.get(e.errno, e), time.monotonic() - t0))\"")
 
 
 @pytest.fixture(scope="module", params=["relay", "relay-only"])

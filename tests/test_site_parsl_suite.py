@@ -15,7 +15,8 @@ LOGIN = "198.19.20.1"
 
 
 def test_parsl_s_bash_app_tests_pass_through_vpn_workers(site_env, slurm):
-    suite = Path(pytest.importorskip("parsl.tests.test_bash_apps", reason="this Parsl ships without its tests").__file__)
+    tests = pytest.importorskip("parsl.tests.test_bash_apps", reason="this Parsl ships without its tests")
+    suite = Path(tests.__file__)
     site = site_env.site
     workdir = site.home / "parsl-suite"
     site.run_user(site.login, ["mkdir", "-p", str(workdir)])

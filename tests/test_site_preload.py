@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
 
@@ -68,7 +66,8 @@ def test_errors_exit_status_and_signals_pass_through(site_env):
     unknown = exec_off(site_env, "curl", "-sS", "http://no-such-host.sim.test/", "--max-time", "30")
     assert unknown.returncode == 6 and "Could not resolve host" in unknown.stderr
     assert exec_off(site_env, "sh", "-c", "exit 7").returncode == 7
-    running = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--", "sleep", "60"],
+    running = site_env.site.popen_user(site_env.node,
+                                       [VP, "exec", "--ticket", str(site_env.ticket), "--", "sleep", "60"],
                                        userns_off=True, stderr=subprocess.PIPE)
     assert wait_until(lambda: len(site_env.leftovers(timeout=0)) >= 2, 30)  # sleep and its helper
     running.send_signal(signal.SIGTERM)
@@ -103,8 +102,9 @@ def test_a_stranger_on_the_node_can_neither_use_nor_jam_the_preload_listener(sit
     """The helper's listener is on the node's loopback, open to every user there: another user's
     connections (root's here) are reset unanswered, at once, and the job's own go on meanwhile."""
     from conftest import root_helper
+    fetch = FETCH["curl"].format(http=site_env.http_url)
     job = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--", "sh", "-c",
-                                                   f'echo "$VPNP_RELAY_PORTS"; sleep 1; {FETCH["curl"].format(http=site_env.http_url)}'],
+                                                   f'echo "$VPNP_RELAY_PORTS"; sleep 1; {fetch}'],
                                    userns_off=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = int(job.stdout.readline().split(",")[0])
     stranger = root_helper(site_env.site, site_env.node, STRANGER, str(port), site_env.site.inet.addr, "8")
@@ -157,7 +157,8 @@ def test_parsl_htex_workers_fetch_through_preload(site_env):
         slurm.close()
     assert done.returncode == 0, done.stderr[-3000:]
     results = _results(done.stdout)
-    assert [r["sha256"] for r in results] == [site_env.big_sha, sha256_of(site_env.site.workdir / "www" / "events.root")]
+    events = sha256_of(site_env.site.workdir / "www" / "events.root")
+    assert [r["sha256"] for r in results] == [site_env.big_sha, events]
     assert "vpn0" not in {r["default_route_dev"] for r in results}  # no namespace: the node's own route
     assert site_env.leftovers(timeout=30) == set()
 

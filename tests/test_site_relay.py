@@ -124,11 +124,13 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
     When CMD ends, so does the helper."""
     site = site_env.site
     proc = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--tcp", "relay-only",
-                                           "--", "sh", "-c", f"getent hosts www.sim.test && {IPV4_ONLY_LOOKUP} && ! {UDP_OUT} && curl -sS -f -o /dev/null "
+                                           "--", "sh", "-c", f"getent hosts www.sim.test && {IPV4_ONLY_LOOKUP} && "
+                                           f"! {UDP_OUT} && curl -sS -f -o /dev/null "
                                            f"{site_env.http_url}/big.bin && exec sleep 300"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: comm(proc.pid) == "sleep", 60), proc.stderr.read() if proc.poll() is not None else "CMD never got to sleep"
+        assert wait_until(lambda: comm(proc.pid) == "sleep", 60), \
+            proc.stderr.read() if proc.poll() is not None else "CMD never got to sleep"
         companions = {pid: comm(pid) for pid in set(site.user_pids()) - site_env.baseline - {proc.pid}}
         assert sorted(companions.values()) == ["vpnp-helper"], companions
         [helper] = companions
@@ -143,7 +145,8 @@ def test_relay_only_worker_is_one_small_process_and_leaves_nothing(site_env):
 
 def test_relay_only_needs_no_tun_device(site_env):
     """A node whose /dev/net/tun is 0600 cannot run the tunnel, but relay-only mode never opens
-    it, and a plain exec takes it by itself. (Changes the machine's device mode for a moment: the suite runs one site at a time.)"""
+    it, and a plain exec takes it by itself. (Changes the machine's device mode for a moment: the
+    suite runs one site at a time.)"""
     import os
     mode = os.stat("/dev/net/tun").st_mode & 0o777
     os.chmod("/dev/net/tun", 0o600)

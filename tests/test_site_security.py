@@ -76,8 +76,10 @@ while True:
 # them is opened again, for the whole time.
 FLOOD = """
 import os, socket, sys, threading, time
-host, ports, per_port, seconds = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], int(sys.argv[3]), float(sys.argv[4])
-openings = [b"", b"", b"V", b"VPNP-RELAY/3\\n" + os.urandom(48), b"\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03"]
+host, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
+per_port, seconds = int(sys.argv[3]), float(sys.argv[4])
+openings = [b"", b"", b"V", b"VPNP-RELAY/3\\n" + os.urandom(48),
+            b"\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03"]
 end = time.monotonic() + seconds
 opened, failed = dict.fromkeys(ports, 0), dict.fromkeys(ports, 0)
 def open_one(conns, port, i):
@@ -310,7 +312,8 @@ def test_processes_that_hold_the_secret_write_no_core_but_cmd_keeps_the_users_li
                                              f"{site_env.ticket} -- sh -c 'ulimit -c > {out}; exec sleep 30'"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: out.exists() and out.read_text().strip(), 60), worker.stderr.read() if worker.poll() else ""
+        assert wait_until(lambda: out.exists() and out.read_text().strip(), 60), \
+            worker.stderr.read() if worker.poll() else ""
         assert out.read_text().strip() == "1024"
         helpers = [pid for pid in set(site.user_pids()) - site_env.baseline if comm(pid) == "vpnp-helper"]
         assert helpers, "no helper"

@@ -89,7 +89,8 @@ def test_a_node_without_openconnect_gets_relay_only_workers(monkeypatch, tmp_pat
     assert choice.decide(ticket(relay_port=0))[0] is Transport.RELAY
 
 
-@pytest.mark.skipif(not os.access("/dev/net/tun", os.R_OK | os.W_OK), reason="this machine's /dev/net/tun is not open to us")
+@pytest.mark.skipif(not os.access("/dev/net/tun", os.R_OK | os.W_OK),
+                    reason="this machine's /dev/net/tun is not open to us")
 def test_a_node_with_everything_gets_the_tunnel_and_the_relay():
     try:
         proc.find_tool("openconnect")
@@ -110,9 +111,10 @@ def test_a_gateway_host_without_ocserv_runs_the_relay_alone_unless_that_would_be
     from vpn_provider.gateway.supervisor import why_relay_alone
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: none of the tunnel's tools
     monkeypatch.setattr(proc, "_EXTRA_PATH", ())
-    assert why_relay_alone(GatewayConfig(state_dir=tmp_path)) == "ocserv, occtl and openssl are not installed on this host"
+    missing = "ocserv, occtl and openssl are not installed on this host"
+    assert why_relay_alone(GatewayConfig(state_dir=tmp_path)) == missing
     assert why_relay_alone(GatewayConfig(state_dir=tmp_path, tunnel=False)) == "started with --no-tunnel"
     with pytest.raises(GatewayError, match="no tunnel: ocserv, occtl and openssl .*; leave out --no-relay"):
         why_relay_alone(GatewayConfig(state_dir=tmp_path, relay=False))
-    with pytest.raises(GatewayError, match="^gateway: no tunnel: ocserv, occtl and openssl are not installed on this host$"):
+    with pytest.raises(GatewayError, match=f"^gateway: no tunnel: {missing}$"):
         why_relay_alone(GatewayConfig(state_dir=tmp_path, tunnel=True))

@@ -112,8 +112,8 @@ def _transports(ticket: Ticket) -> tuple[Finding, Transport]:
     if chosen is Transport.PRELOAD:
         return Finding("transports", WARN, detail, _ALLOW_NAMESPACES), chosen
     verdict = WARN if chosen is Transport.RELAY_ONLY and ticket.tunnel else OK
-    return Finding("transports", verdict, detail,
-                   "install openconnect and allow /dev/net/tun for the full-IP tunnel" if verdict == WARN else ""), chosen
+    remedy = "install openconnect and allow /dev/net/tun for the full-IP tunnel" if verdict == WARN else ""
+    return Finding("transports", verdict, detail, remedy), chosen
 
 
 def _reachability(ticket: Ticket, timeout: float) -> list[Finding]:
@@ -158,7 +158,8 @@ def _relay(ticket: Ticket, gateway: Endpoint, timeout: float) -> list[Finding]:
                         f"allow TCP to port {relay.port} of the login node; until then TCP uses the slower tunnel")]
     policy = [Finding("destination policy", OK, answer.policy)] if answer.policy else []
     if answer.mode is Mode.PLAIN:
-        return [Finding(f"TCP relay {relay}", WARN, "answers, but carries flows UNENCRYPTED (the gateway's --plain-relay)",
+        return [Finding(f"TCP relay {relay}", WARN,
+                        "answers, but carries flows UNENCRYPTED (the gateway's --plain-relay)",
                         "start the gateway without --plain-relay unless the site network is trusted")] + policy
     return [Finding(f"TCP relay {relay}", OK, "answers, knows the ticket's secret, encrypts (AES-128-GCM)")] + policy
 

@@ -130,7 +130,7 @@ PR_SET_NAME = 15
 
 def raise_open_file_limit() -> None:
     """Lift the soft limit on open files to the hard one (no privilege needed)."""
-    import resource  # noqa: PLC0415
+    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -139,7 +139,7 @@ def raise_open_file_limit() -> None:
 def no_core_dumps() -> None:
     """No core file, soft or hard limit: a process holding a key or the client secret would write
     them to disk (into a shared working directory, say) when it crashes. Children inherit it."""
-    import resource  # noqa: PLC0415
+    import resource
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
@@ -147,7 +147,7 @@ def suspend_core_dumps():
     """No core file until the returned function is called: for `exec`, which holds the ticket's
     secret while it sets up, then becomes CMD, whose own limit must be the user's. Only the soft
     limit drops, so it can be put back."""
-    import resource  # noqa: PLC0415
+    import resource
     saved = resource.getrlimit(resource.RLIMIT_CORE)
     resource.setrlimit(resource.RLIMIT_CORE, (0, saved[1]))
     return lambda: resource.setrlimit(resource.RLIMIT_CORE, saved)
@@ -161,8 +161,8 @@ def set_process_name(name: str) -> None:
 def tcp_connections(ds=None) -> tuple:
     """This network namespace's TCP connections, IPv4 then IPv6 (pyroute2 inet_diag_msg, source
     address in ``idiag_src``, family in ``idiag_family``), listening sockets left out."""
-    from pyroute2 import DiagSocket  # noqa: PLC0415
-    from pyroute2.netlink.diag import SS_CONN  # noqa: PLC0415
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink.diag import SS_CONN
     if ds is None:
         with DiagSocket() as own:
             own.bind()
@@ -182,10 +182,10 @@ def reset_tcp_connections(select) -> int:
     (``flow``: pyroute2's inet_diag_msg), with sock_diag's SOCK_DESTROY: their owners get
     ECONNABORTED at once. Needs CAP_NET_ADMIN here and a kernel with CONFIG_INET_DIAG_DESTROY
     (an OSError otherwise). Returns how many were aborted."""
-    from pyroute2 import DiagSocket  # noqa: PLC0415
-    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # noqa: PLC0415
-    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
-    from pyroute2.netlink.diag import SOCK_DESTROY, SS_CONN, inet_diag_req  # noqa: PLC0415
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.diag import SOCK_DESTROY, SS_CONN, inet_diag_req
     aborted = 0
     with DiagSocket() as ds:
         ds.bind()

@@ -45,7 +45,8 @@ class Rule:
         try:
             network = ipaddress.ip_network(where, strict=False)
         except ValueError:
-            raise PolicyError(f"{text!r} is not a CIDR (like 192.0.2.0/24, 192.0.2.7:1094 or [2001:db8::/32]:443)") from None
+            raise PolicyError(f"{text!r} is not a CIDR "
+                              "(like 192.0.2.0/24, 192.0.2.7:1094 or [2001:db8::/32]:443)") from None
         return cls(network, _parse_ports(text, ports) if ports else ())
 
     def matches(self, ip: Address, port: int) -> bool:

@@ -244,10 +244,10 @@ def ipv6_masquerade_refused() -> str:
         os.close(r)
         why = b""
         try:
-            from .. import linux  # noqa: PLC0415
+            from .. import linux
             linux.enter_user_namespace(inner_uid=0, inner_gid=0, flags=linux.CLONE_NEWNET)
             _masquerade_ipv6()
-        except BaseException as e:  # noqa: BLE001 - any failure is the answer
+        except BaseException as e:
             why = (str(e) or type(e).__name__).encode()[:300]
         os.write(w, why)
         os._exit(0)
@@ -287,7 +287,7 @@ def _add_rule(nft: NFTables, chain: str, body: list) -> None:
 def login_node_addresses() -> list[str]:
     """This host's addresses (IPv4 and IPv6) that are not always denied anyway; call it in the
     host's network namespace."""
-    from pyroute2 import IPRoute  # noqa: PLC0415
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         found = (a.get_attr("IFA_ADDRESS") for a in ipr.get_addr())
         addresses = {ipaddress.ip_address(a) for a in found if a}
@@ -401,7 +401,7 @@ class DenialLog(threading.Thread):
 
     def __init__(self, sock: socket.socket, counts_path: Path | None = None):
         super().__init__(daemon=True, name="tunnel-denials")
-        from ..relay.server import QuietLog  # noqa: PLC0415 - the relay's own rate limit
+        from ..relay.server import QuietLog
         self.sock, self.counts, self.counts_path = sock, collections.Counter(), counts_path
         self._quiet = QuietLog()
         self._written = -self.WRITE_EVERY

@@ -50,7 +50,7 @@ def prepare_dirs(cfg: GatewayConfig) -> None:
 
 def host_addresses() -> list[str]:
     """This host's non-loopback IPv4 addresses, each once, in the kernel's order."""
-    from pyroute2 import IPRoute  # noqa: PLC0415
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)]
     # One address may sit on several interfaces; a second UDP forward for it could not bind.
@@ -59,7 +59,7 @@ def host_addresses() -> list[str]:
 
 def has_ipv6_route() -> bool:
     """Whether this host routes IPv6 beyond itself: then the tunnel carries IPv6 as well."""
-    from pyroute2 import IPRoute  # noqa: PLC0415
+    from pyroute2 import IPRoute
     try:
         with IPRoute() as ipr:
             return bool(ipr.get_default_routes(family=socket.AF_INET6))
@@ -249,7 +249,7 @@ class Supervisor:
             time.sleep(0.2)
         return 0
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+    def _on_signal(self, signum, frame) -> None:
         self._stop = True
 
     def tear_down(self) -> None:
@@ -341,7 +341,7 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001
+def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 

@@ -3,8 +3,8 @@
 It builds the site (internet host with DNS and XRootD, login host, two compute nodes with
 Debian's Slurm), starts the gateway on the login host, and runs the example notebook's code
 there: Parsl submits one two-node job to Slurm, whose srun starts workers inside the VPN on
-each compute node, and they read the ROOT files over XRootD by DNS name. Prints a progress bar, a result table and the throughput,
-and saves the histogram as a PNG.
+each compute node, and they read the ROOT files over XRootD by DNS name. Prints a progress bar,
+a result table and the throughput, and saves the histogram as a PNG.
 
 Run as root (it builds network namespaces); every vpn-provider process runs as a throwaway
 unprivileged user. Usage: python -m vpn_provider.sim.demo [--files N] [--events N] [--png PATH]
@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 from . import data, services
-
-NODES = 2  # one Slurm job spanning both: srun starts a VPN-wrapped worker pool on each
 from .site import XROOTD_NAME, Site
 from .slurm import SlurmCluster
+
+NODES = 2  # one Slurm job spanning both: srun starts a VPN-wrapped worker pool on each
 
 BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         execute(argv[1], argv[2])
         return 0
     if len(argv) == 2 and argv[0] == "script":
-        exec(compile(code_of(argv[1]), argv[1], "exec"), {"__name__": "__main__"})  # noqa: S102
+        exec(compile(code_of(argv[1]), argv[1], "exec"), {"__name__": "__main__"})
         return 0
     print(__doc__, file=sys.stderr)
     return 2

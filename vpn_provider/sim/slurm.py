@@ -15,7 +15,8 @@ Parsl's SlurmProvider falls back to squeue, as on many real sites.
 
 Everything lives under ``site.workdir/NAME``. A second cluster on the same site (another
 ``name`` and ``port``) can run its nodes as where user namespaces are off (``userns_off``:
-each slurmd, and so every job, inside sim/userns_off.py's wrapper). ``close()`` (also run when ``start()`` fails half-way)
+each slurmd, and so every job, inside sim/userns_off.py's wrapper). ``close()`` (also run
+when ``start()`` fails half-way)
 cancels the user's jobs, then ends any job step left and the daemons. Call it before
 ``site.close()``: that kills the daemons too, but not a job step still running.
 """

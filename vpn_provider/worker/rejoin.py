@@ -27,9 +27,9 @@ def main(argv: list[str]) -> int:
     # the capabilities that entering the other two needs.
     for fd in (_USER_NS, _NET_NS, _MNT_NS):
         linux.setns(fd)
-    from . import netconfig, vpnc_env  # noqa: PLC0415 - pyroute2 only once inside
-    from .redirect import redirect_installed  # noqa: PLC0415
-    from .tunnel import TUN_NAME  # noqa: PLC0415
+    from . import netconfig, vpnc_env
+    from .redirect import redirect_installed
+    from .tunnel import TUN_NAME
     if action == "down":
         # No redirect in the namespace (--tcp tunnel, or the relay did not answer at the start):
         # the tunnel carried every TCP connection.
@@ -48,6 +48,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main(sys.argv[1:]))
-    except Exception as e:  # noqa: BLE001 - pyroute2's NetlinkError too: one line on the job's stderr
+    except Exception as e:
         print(f"vpn-provider: reconfiguring the worker's namespace: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -178,7 +178,8 @@ class Tunnel:
             try:
                 _enter_worker_namespace()
                 tun_fd = linux.create_tun(TUN_NAME)
-                namespaces = [os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("user", "net", "mnt")]
+                namespaces = [os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+                              for ns in ("user", "net", "mnt")]
                 try:
                     helper.keep_tunnel(spec, sys.executable, tun_fd=tun_fd, log_fd=log_fd, namespaces=namespaces)
                 finally:
@@ -289,7 +290,7 @@ def _undone_on_failure(undo):
     except TunnelError:
         undo()
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         undo()
         raise TunnelError(f"setting up the worker namespace: {e}") from None
     except BaseException:
@@ -333,7 +334,7 @@ def _hand_namespace_to(relay: NodeHelper, *, exclude: list, relay_only: bool) ->
         if relay_only:
             sockets += [_bound(socket.SOCK_DGRAM, ("127.0.0.1", 53)), _bound(socket.SOCK_STREAM, ("127.0.0.1", 53))]
         install_redirect(sockets[0].getsockname()[1], exclude=exclude, dns_stays=not relay_only)
-    except Exception as e:  # noqa: BLE001 - NetlinkError and friends: the caller decides
+    except Exception as e:
         for sock in sockets:
             sock.close()
         return f"cannot redirect TCP in the namespace: {e}"
@@ -362,7 +363,7 @@ def _redirect_ipv6(*, relay_only: bool) -> socket.socket | None:
             netconfig.prefer_ipv4_in_lookups()
         netconfig.route_ipv6_tcp_to_loopback(home)  # last: it makes AAAA records visible
         return listener
-    except Exception as e:  # noqa: BLE001 - NetlinkError, OSError: IPv6 is a bonus, never the job's end
+    except Exception as e:
         if listener:
             listener.close()
         log.warning("IPv6 destinations are unreachable: %s", e)

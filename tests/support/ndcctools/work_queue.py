@@ -4,5 +4,5 @@ import sys
 if "/usr/lib/python3/dist-packages" not in sys.path:
     sys.path.append("/usr/lib/python3/dist-packages")
 
-from work_queue import *  # noqa: E402,F401,F403
-from work_queue import WORK_QUEUE_DEFAULT_PORT, cctools_debug_flags_set, cctools_debug_config_file  # noqa: E402,F401
+from work_queue import *  # noqa: F403
+from work_queue import WORK_QUEUE_DEFAULT_PORT, cctools_debug_flags_set, cctools_debug_config_file  # noqa: F401
