@@ -78,3 +78,20 @@ def test_loopback_listen_is_one_warning_line_not_an_error():
     assert done.stderr.strip().splitlines() == [
         "vpn-provider: warning: --listen 127.0.0.1:9000 is a loopback address, which compute nodes cannot "
         "reach; listen on an address they can (default 0.0.0.0:8443)"]
+
+
+def test_verbose_shows_the_traceback_and_a_failed_command_s_whole_output(capsys, monkeypatch):
+    """-v is for bug reports: the traceback, and all of what a failed command printed; without
+    it, one line."""
+    from vpn_provider import cli
+    from vpn_provider.errors import CommandError
+
+    def failing(args):
+        raise CommandError(["ocserv", "--foo"], 1, "first line\nsecond line\nlast line")
+    monkeypatch.setitem(cli.__dict__, "_check", failing)
+    assert cli.main(["check", "--ticket", "t.json"]) == 1
+    assert capsys.readouterr().err == "vpn-provider: ocserv exited with status 1: last line\n"
+    assert cli.main(["-v", "check", "--ticket", "t.json"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "first line\nsecond line\nlast line" in err
+    assert err.endswith("vpn-provider: ocserv exited with status 1: last line\n")

@@ -118,3 +118,35 @@ def test_a_gateway_host_without_ocserv_runs_the_relay_alone_unless_that_would_be
         why_relay_alone(GatewayConfig(state_dir=tmp_path, relay=False))
     with pytest.raises(GatewayError, match=f"^gateway: no tunnel: {missing}$"):
         why_relay_alone(GatewayConfig(state_dir=tmp_path, tunnel=True))
+
+
+def _c_defines(*names: str) -> dict[str, str]:
+    """``#define NAME value`` lines of the native headers and sources, value as written."""
+    from pathlib import Path
+    native = Path(__file__).parent.parent / "vpn_provider" / "native"
+    found = {}
+    for path in native.glob("*.[ch]"):
+        for line in path.read_text().splitlines():
+            words = line.split(None, 2)
+            if len(words) == 3 and words[0] == "#define" and words[1] in names:
+                found[words[1]] = words[2].split("/*")[0].strip()
+    return found
+
+
+def test_the_relay_protocol_s_constants_in_c_are_python_s():
+    """relay_crypto.h/.c mirror relay/protocol.py and relay/records.py: one protocol, two
+    implementations, and this test the one place that says they agree."""
+    import ast
+
+    from vpn_provider.relay import protocol, records
+    c = _c_defines("RELAY_MAGIC", "RELAY_PROTOCOL", "RELAY_NONCE", "RELAY_PUBLIC", "RELAY_MAC", "RELAY_SECRET",
+                   "RELAY_REQUEST", "RECORD_HEADER", "RECORD_TAG", "RECORD_MAX_PLAINTEXT", "EPOCH_RECORDS")
+    assert ast.literal_eval(c["RELAY_MAGIC"]).encode() == protocol.MAGIC
+    assert ast.literal_eval(c["RELAY_PROTOCOL"]).encode() == protocol.PROTOCOL
+    # The values are C arithmetic on literals ("(64 * 1024)", "(1u << 20)"), which Python reads alike.
+    numbers = {name: eval(value.replace("u <<", " <<"), {"__builtins__": {}}) for name, value in c.items()
+               if name not in ("RELAY_MAGIC", "RELAY_PROTOCOL")}
+    assert numbers == {"RELAY_NONCE": protocol.NONCE, "RELAY_PUBLIC": protocol.PUBLIC, "RELAY_MAC": protocol.MAC,
+                       "RELAY_SECRET": records.SECRET, "RELAY_REQUEST": protocol.REQUEST.size,
+                       "RECORD_HEADER": records.HEADER.size, "RECORD_TAG": records.TAG,
+                       "RECORD_MAX_PLAINTEXT": records.MAX_PLAINTEXT, "EPOCH_RECORDS": records.EPOCH_RECORDS}

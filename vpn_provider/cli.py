@@ -7,10 +7,11 @@ import ipaddress
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import GatewayError, VPNError
+from .errors import CommandError, GatewayError, VPNError
 from .gateway.config import DEFAULT_LISTEN, DEFAULT_POOL, GatewayConfig
 from .transport import AUTO, CHOICES as TRANSPORTS, Transport
 from .ticket import Endpoint
@@ -233,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except (VPNError, OSError, ValueError) as e:  # OSError/ValueError: say it in one line too
         text = str(e) if isinstance(e, VPNError) else f"{type(e).__name__}: {e}"
+        if args.verbose:  # the whole story for a bug report: traceback, a failed command's output
+            traceback.print_exc(file=sys.stderr)
+            if isinstance(e, CommandError) and e.output.strip():
+                print(f"vpn-provider: {e.argv[0]}'s whole output:\n{e.output.rstrip()}", file=sys.stderr)
         print(f"vpn-provider: {text}", file=sys.stderr)
         return EXIT_EXEC_FAILED if args.command == "exec" else EXIT_FAILURE
     except KeyboardInterrupt:

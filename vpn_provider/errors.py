@@ -37,21 +37,23 @@ class MissingTool(VPNError):
         return f"{self.tool} not found on PATH; install the Debian package '{self.package}'"
 
 
-class TunnelError(VPNError):
-    """The worker-side tunnel did not come up. ``reason`` is a short phrase, ``remedy`` what to do."""
+class _ReasonError(VPNError):
+    """``reason`` is a short phrase, ``remedy`` what to do; rendered after the class's ``prefix``."""
+    prefix = ""
 
     def __init__(self, reason: str, remedy: str = ""):
         super().__init__(reason, remedy)
         self.reason, self.remedy = reason, remedy
 
     def __str__(self) -> str:
-        return f"VPN tunnel failed: {self.reason}" + (f"; {self.remedy}" if self.remedy else "")
+        return f"{self.prefix}{self.reason}" + (f"; {self.remedy}" if self.remedy else "")
 
 
-class GatewayError(VPNError):
-    def __init__(self, reason: str, remedy: str = ""):
-        super().__init__(reason, remedy)
-        self.reason, self.remedy = reason, remedy
+class TunnelError(_ReasonError):
+    """The worker-side tunnel did not come up."""
+    prefix = "VPN tunnel failed: "
 
-    def __str__(self) -> str:
-        return f"gateway: {self.reason}" + (f"; {self.remedy}" if self.remedy else "")
+
+class GatewayError(_ReasonError):
+    """The gateway cannot start or do what was asked."""
+    prefix = "gateway: "

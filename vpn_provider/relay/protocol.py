@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..errors import VPNError
 from .records import SECRET, Opener, RecordError, Sealer, recv_record
 
 PROTOCOL = b"VPNP-RELAY/"
@@ -86,7 +87,7 @@ class Status(enum.IntEnum):
     FORBIDDEN = 4  # a destination the gateway's policy refuses (its own loopback, say)
 
 
-class HandshakeError(Exception):
+class HandshakeError(VPNError):
     """The peer is not a relay, speaks another version, or does not know the secret."""
 
 
