@@ -29,7 +29,7 @@ def _in_namespace(probe) -> dict:
         try:
             linux.enter_user_namespace(inner_uid=os.getuid(), inner_gid=os.getgid(), flags=linux.CLONE_NEWNET)
             result = probe()
-        except BaseException as e:
+        except BaseException as e:  # report, never return into pytest
             result = {"error": repr(e)}
         os.write(w, json.dumps(result).encode())
         os._exit(0)

@@ -247,7 +247,7 @@ def ipv6_masquerade_refused() -> str:
             from .. import linux
             linux.enter_user_namespace(inner_uid=0, inner_gid=0, flags=linux.CLONE_NEWNET)
             _masquerade_ipv6()
-        except BaseException as e:
+        except BaseException as e:  # any failure is the answer
             why = (str(e) or type(e).__name__).encode()[:300]
         os.write(w, why)
         os._exit(0)
@@ -401,7 +401,7 @@ class DenialLog(threading.Thread):
 
     def __init__(self, sock: socket.socket, counts_path: Path | None = None):
         super().__init__(daemon=True, name="tunnel-denials")
-        from ..relay.server import QuietLog
+        from ..relay.server import QuietLog  # the relay's own rate limit
         self.sock, self.counts, self.counts_path = sock, collections.Counter(), counts_path
         self._quiet = QuietLog()
         self._written = -self.WRITE_EVERY

@@ -118,7 +118,7 @@ class GatewayNamespace:
             if self.ipv6:  # before the egress' link exists: its router advertisements would
                 # race our static route (and a namespace that forwards must not take them anyway)
                 _sysctl("net/ipv6/conf/default/accept_ra", "0")
-            from pyroute2 import IPRoute
+            from pyroute2 import IPRoute  # import after fork, inside the namespace
             with IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 os.write(up_w, b"ns")
@@ -152,7 +152,7 @@ class GatewayNamespace:
             os.set_inheritable(up_w, False)  # EOF on exec tells the parent we got this far
             linux.restore_default_signals()
             os.execv(self.ocserv_argv[0], self.ocserv_argv)
-        except BaseException as e:
+        except BaseException as e:  # report any failure to the parent, then die
             try:
                 os.write(up_w, f"error: {e}".encode()[:250])
             finally:

@@ -61,7 +61,7 @@ def configure_links(p: TunnelParams) -> None:
             try:
                 if enable_ipv6({p.tundev}):
                     _configure_ipv6(ipr, tun, p.address6)
-            except Exception as e:
+            except Exception as e:  # NetlinkError, OSError: IPv4 carries on
                 log.warning("IPv6 through the tunnel is off: %s", e)
 
 
@@ -91,7 +91,7 @@ def refuse_ipv6_tcp() -> None:
         with IPRoute() as ipr:
             ipr.route("replace", dst="::/0", type="unreachable", table=_TCP_TABLE, family=socket.AF_INET6)
             _route_tcp_by_own_table(ipr, socket.AF_INET6)
-    except Exception as e:
+    except Exception as e:  # NetlinkError, OSError
         log.warning("IPv6 TCP may stall in the tunnel: %s", e)
 
 

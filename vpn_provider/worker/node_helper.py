@@ -197,6 +197,6 @@ def _become_helper(binary: str, ctl: socket.socket) -> None:
         os.closerange(_CTL_FD + 1, 1 << 16)  # nor anything else exec inherited (a wrapper's pipes)
         linux.restore_default_signals()
         os.execve(binary, [binary], {})
-    except BaseException:
+    except BaseException:  # never return into exec's code
         pass
     os._exit(127)

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     # the capabilities that entering the other two needs.
     for fd in (_USER_NS, _NET_NS, _MNT_NS):
         linux.setns(fd)
-    from . import netconfig, vpnc_env
+    from . import netconfig, vpnc_env  # pyroute2 only once inside
     from .redirect import redirect_installed
     from .tunnel import TUN_NAME
     if action == "down":
@@ -48,6 +48,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main(sys.argv[1:]))
-    except Exception as e:
+    except Exception as e:  # pyroute2's NetlinkError too: one line on the job's stderr
         print(f"vpn-provider: reconfiguring the worker's namespace: {e}", file=sys.stderr)
         raise SystemExit(1) from None

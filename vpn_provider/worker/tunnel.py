@@ -334,7 +334,7 @@ def _hand_namespace_to(relay: NodeHelper, *, exclude: list, relay_only: bool) ->
         if relay_only:
             sockets += [_bound(socket.SOCK_DGRAM, ("127.0.0.1", 53)), _bound(socket.SOCK_STREAM, ("127.0.0.1", 53))]
         install_redirect(sockets[0].getsockname()[1], exclude=exclude, dns_stays=not relay_only)
-    except Exception as e:
+    except Exception as e:  # NetlinkError and friends: the caller decides
         for sock in sockets:
             sock.close()
         return f"cannot redirect TCP in the namespace: {e}"
@@ -363,7 +363,7 @@ def _redirect_ipv6(*, relay_only: bool) -> socket.socket | None:
             netconfig.prefer_ipv4_in_lookups()
         netconfig.route_ipv6_tcp_to_loopback(home)  # last: it makes AAAA records visible
         return listener
-    except Exception as e:
+    except Exception as e:  # NetlinkError, OSError: IPv6 is a bonus, never the job's end
         if listener:
             listener.close()
         log.warning("IPv6 destinations are unreachable: %s", e)
