@@ -2,6 +2,7 @@
 option, the value and why in one line."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from pathlib import Path
 
@@ -73,3 +74,35 @@ def test_loopback_listen_is_a_warning_not_an_error(listen, warned):
     assert len(warnings) == warned
     if warned:
         assert warnings[0].startswith(f"--listen {Endpoint.parse(listen)} is a loopback address")
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"listen": "198.19.20.1:9443", "relay_port": 9500, "dns": ("192.0.2.53", "192.0.2.54"), "pool": "100.80.0.0/20",
+     "egress": "pasta", "mtu": 1300, "advertise": ("login.example.org:9443", "198.19.20.1:9443"),
+     "allow": ("192.0.2.0/24:1094", "[2001:db8::/32]:443"), "deny": ("192.0.2.7",), "plain_relay": True},
+    {"relay": False, "credentials_dir": "/shared/vpn"},
+    {"tunnel": False},
+])
+def test_a_gateway_config_survives_its_own_command_line(tmp_path, settings):
+    """`gateway start` hands the supervisor its config as `gateway run` options (cli_args); read
+    back by the CLI's parser, they give the same config, so no option is lost on the way."""
+    from vpn_provider.cli import _gateway_config, build_parser
+    kw = dict(settings)
+    if "listen" in kw:
+        kw["listen"] = Endpoint.parse(kw["listen"])
+    if "advertise" in kw:
+        kw["advertise"] = tuple(Endpoint.parse(a) for a in kw["advertise"])
+    if "pool" in kw:
+        kw["pool"] = ipaddress.IPv4Network(kw["pool"])
+    if "credentials_dir" in kw:
+        kw["credentials_dir"] = Path(kw["credentials_dir"])
+    original = GatewayConfig(state_dir=tmp_path, **kw)
+    again = _gateway_config(build_parser().parse_args(["gateway", "run", *original.cli_args()]))
+    # relay_port 0 means "listen + 1", which the command line spells out; policy rules come
+    # back in their canonical form (192.0.2.7 as 192.0.2.7/32)
+    def rest(cfg):
+        return dataclasses.replace(cfg, relay_port=0, allow=(), deny=())
+    assert rest(again) == rest(original)
+    assert again.relay_endpoint == original.relay_endpoint
+    assert again.policy.cli_args() == original.policy.cli_args()

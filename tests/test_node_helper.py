@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_redirect import _in_namespace
+from test_redirect import _in_namespace
 from vpn_provider.relay.protocol import (HandshakeError, Mode, Status, Verb, check_magic, relay_key,
                                          server_handshake)
 from vpn_provider.relay.records import EPOCH_RECORDS, RecordError, recv_record
