@@ -150,3 +150,15 @@ def test_the_relay_protocol_s_constants_in_c_are_python_s():
                        "RELAY_SECRET": records.SECRET, "RELAY_REQUEST": protocol.REQUEST.size,
                        "RECORD_HEADER": records.HEADER.size, "RECORD_TAG": records.TAG,
                        "RECORD_MAX_PLAINTEXT": records.MAX_PLAINTEXT, "EPOCH_RECORDS": records.EPOCH_RECORDS}
+
+
+def test_the_helper_names_relay_statuses_as_python_does():
+    """node_helper.c's status_name() lists relay/protocol.py's Status names in their order."""
+    import re
+    from pathlib import Path
+
+    from vpn_provider.relay.protocol import Status
+    source = (Path(__file__).parent.parent / "vpn_provider/native/node_helper.c").read_text()
+    table = r"status_name\(int status\)\n\{\n    static const char \*names\[\] = \{([^}]*)\}"
+    names = re.search(table, source).group(1)
+    assert [n.strip().strip('"') for n in names.split(",")] == [s.name for s in Status]

@@ -160,18 +160,29 @@ static int send_all(int fd, const void *buf, size_t n)
     return 0;
 }
 
-static int recv_all(int fd, void *buf, size_t n)
+/* Read n bytes by `deadline` (CLOCK_MONOTONIC) in all: a peer dripping bytes cannot hold us. */
+static int recv_all_by(int fd, void *buf, size_t n, const struct timespec *deadline)
 {
     char *p = buf;
     while (n) {
-        ssize_t k = recv(fd, p, n, 0);
-        if (k < 0 && errno == EINTR)
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long ms = (deadline->tv_sec - now.tv_sec) * 1000 + (deadline->tv_nsec - now.tv_nsec) / 1000000;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int r = ms > 0 ? poll(&pf, 1, (int)ms) : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = ETIMEDOUT;
+            return -1;
+        }
+        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
         if (k <= 0) {
             if (k == 0)
                 errno = ECONNRESET;
-            else if (errno == EAGAIN)
-                errno = ETIMEDOUT;  /* SO_RCVTIMEO ran out */
             return -1;
         }
         p += k;
@@ -299,7 +310,10 @@ static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, s
     }
     if (i != first)
         gateway_in_use(i);
-    set_timeouts(fd, ANSWER_TIMEOUT_S);
+    set_timeouts(fd, ANSWER_TIMEOUT_S);  /* for the sends; the reads have one deadline in all */
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += ANSWER_TIMEOUT_S;
     struct client_handshake hs;
     uint8_t server_hello[SERVER_HELLO], answer[RECORD_HEADER + 1 + RECORD_TAG];
     uint8_t message[RELAY_MAC + RECORD_HEADER + RELAY_REQUEST + RECORD_TAG];  /* our proof, then the request */
@@ -309,7 +323,7 @@ static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, s
         *why = relay_crypto_error();
         goto out;
     }
-    if (send_all(fd, hs.hello, CLIENT_HELLO) < 0 || recv_all(fd, server_hello, RELAY_MAGIC_SIZE) < 0) {
+    if (send_all(fd, hs.hello, CLIENT_HELLO) < 0 || recv_all_by(fd, server_hello, RELAY_MAGIC_SIZE, &deadline) < 0) {
         cut = io_failed(why);
         goto out;
     }
@@ -317,7 +331,7 @@ static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, s
         *why = not_our_magic(server_hello);
         goto out;
     }
-    if (recv_all(fd, server_hello + RELAY_MAGIC_SIZE, SERVER_HELLO - RELAY_MAGIC_SIZE) < 0) {
+    if (recv_all_by(fd, server_hello + RELAY_MAGIC_SIZE, SERVER_HELLO - RELAY_MAGIC_SIZE, &deadline) < 0) {
         cut = io_failed(why);
         goto out;
     }
@@ -340,7 +354,7 @@ static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, s
         *why = relay_crypto_error();
         goto out;
     }
-    if (send_all(fd, message, sizeof message) < 0 || recv_all(fd, answer, RECORD_HEADER) < 0) {
+    if (send_all(fd, message, sizeof message) < 0 || recv_all_by(fd, answer, RECORD_HEADER, &deadline) < 0) {
         cut = io_failed(why);
         goto out;
     }
@@ -349,7 +363,7 @@ static int open_flow_once(char verb, const uint8_t address[16], uint16_t port, s
         *why = "the relay's answer: unknown status";
         goto out;
     }
-    if (recv_all(fd, answer + RECORD_HEADER, 1 + RECORD_TAG) < 0) {
+    if (recv_all_by(fd, answer + RECORD_HEADER, 1 + RECORD_TAG, &deadline) < 0) {
         cut = io_failed(why);
         goto out;
     }
@@ -411,8 +425,6 @@ static int original_destination(int fd, uint8_t address[16], uint16_t *port)
     *port = ntohs(dest.sin6_port);  /* at the same place in both */
     return 0;
 }
-
-static int recv_all_by(int fd, void *buf, size_t n, const struct timespec *deadline);
 
 #define PRELOAD_REQUEST_TIMEOUT_S 5  /* the program sends it right after connecting */
 
@@ -518,36 +530,6 @@ static size_t udp_limit(const uint8_t *q, size_t n, size_t *question_end)
     return limit;
 }
 
-/* Read n bytes by `deadline` (CLOCK_MONOTONIC) in all: a peer dripping bytes cannot hold us. */
-static int recv_all_by(int fd, void *buf, size_t n, const struct timespec *deadline)
-{
-    char *p = buf;
-    while (n) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long ms = (deadline->tv_sec - now.tv_sec) * 1000 + (deadline->tv_nsec - now.tv_nsec) / 1000000;
-        struct pollfd pf = {fd, POLLIN, 0};
-        int r = ms > 0 ? poll(&pf, 1, (int)ms) : 0;
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            if (r == 0)
-                errno = ETIMEDOUT;
-            return -1;
-        }
-        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
-        if (k < 0 && (errno == EINTR || errno == EAGAIN))
-            continue;
-        if (k <= 0) {
-            if (k == 0)
-                errno = ECONNRESET;
-            return -1;
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
 
 /* Answer the asker ourselves: its header and question, no records, with `rcode` and `tc`. */
 static void answer_without_records(struct job *j, size_t question_end, unsigned rcode, int tc)
@@ -896,6 +878,13 @@ static void report(int ctl, const char *fmt, ...)
     send(ctl, line, n < (int)sizeof line ? (size_t)n : sizeof line - 1, MSG_NOSIGNAL);
 }
 
+/* A relay status by its name in relay/protocol.py's Status, as Python's side says it. */
+static const char *status_name(int status)
+{
+    static const char *names[] = {"OK", "REFUSED", "UNREACHABLE", "TIMED_OUT", "FORBIDDEN"};
+    return status >= 0 && status < (int)(sizeof names / sizeof *names) ? names[status] : "unknown";
+}
+
 /* The relay's check, in its own thread so the tunnel's set-up never waits for it. It answers
  * on its own copy of the control socket: main may close its own (exec moved on without the
  * relay) and the number be reused by then. */
@@ -916,7 +905,7 @@ static void *check_relay(void *ctl_copy)
         close(probe.fd);
         flow_end(&probe);
         if (status != STATUS_OK)
-            report(ctl, "NO relay %s:%u: status %d", where, ntohs(relay.sin_port), status);
+            report(ctl, "NO relay %s:%u: status %s", where, ntohs(relay.sin_port), status_name(status));
         else
             report(ctl, "OK");
     }
@@ -1046,8 +1035,10 @@ int main(void)
         if (pthread_create(&t, NULL, stay_present, NULL) == 0)
             pthread_detach(t);
         serve(served, roles, n_served);
+        say("stopped serving: %s", strerror(errno));  /* only poll's failure ends serve */
+        return 1;
     }
-    else if (keeping)
+    if (keeping)
         pthread_exit(NULL);  /* the keeper's thread goes on; the process lives while it does */
-    return 0;  /* exec gave up on us (and says why) */
+    return 0;  /* exec closed the control socket without handing us anything: it gave up, and says why */
 }
