@@ -530,7 +530,6 @@ static size_t udp_limit(const uint8_t *q, size_t n, size_t *question_end)
     return limit;
 }
 
-
 /* Answer the asker ourselves: its header and question, no records, with `rcode` and `tc`. */
 static void answer_without_records(struct job *j, size_t question_end, unsigned rcode, int tc)
 {
@@ -758,11 +757,12 @@ static void accept_one(int listener, char verb)
     if (verb == 'A') {
         long owner = peer_owner(fd, &peer);
         if (owner != (long)getuid()) {  /* refused in this thread: a stranger's flood costs no thread */
+            const char *why = owner < 0 ? strerror(errno) : "";
             reset_close(fd);
             if (owner >= 0)
                 say("refused a connection to the preload listener from user %ld", owner);
             else
-                say("refused a connection to the preload listener: its owner is unknown (sock_diag: %s)", strerror(errno));
+                say("refused a connection to the preload listener: its owner is unknown (sock_diag: %s)", why);
             return;
         }
     }
