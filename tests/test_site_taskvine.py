@@ -5,7 +5,6 @@ through the VPN. Managers always listen on a fixed port: with port 0, TaskVine n
 and its workers would ask the public catalog server."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,45 +12,25 @@ from pathlib import Path
 import pytest
 
 from conftest import VP, taskvine_unavailable
+from test_site_workqueue import LOGIN, finish, start_manager, urls_and_sums
 
 pytestmark = [pytest.mark.site, pytest.mark.skipif(bool(taskvine_unavailable()), reason=taskvine_unavailable() or "")]
-REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-LOGIN = "198.19.20.1"
 
 
-def urls_and_sums(site_env) -> dict[str, str]:
-    from vpn_provider.sim.data import sha256_of
-    events = site_env.site.workdir / "www" / "events.root"
-    return {f"{site_env.xrootd_url}/data/big.bin": site_env.big_sha,
-            f"{site_env.xrootd_url}/data/events.root": sha256_of(events)}
-
-
-def start_manager(site_env, port: int, urls: list[str]) -> subprocess.Popen:
-    mgr = site_env.site.popen_user(site_env.site.login, [str(VENV_BIN / "python"),
-                                                         str(REPO / "tests/drivers/vine_manager.py"), str(port), *urls],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   cwd=str(site_env.site.home))
-    line = mgr.stdout.readline()
-    assert line.startswith("listening"), mgr.stderr.read()
-    return mgr
-
-
-def finish(mgr: subprocess.Popen, timeout=180) -> dict:
-    out, err = mgr.communicate(timeout=timeout)
-    assert mgr.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+def start_vine_manager(site_env, port: int, urls: list[str]) -> subprocess.Popen:
+    return start_manager(site_env, port, urls, driver="vine_manager.py", python=str(VENV_BIN / "python"))
 
 
 def test_a_vpn_wrapped_vine_worker_reads_xrootd_for_a_manager_on_the_login_host(site_env):
     expected = urls_and_sums(site_env)
-    mgr = start_manager(site_env, 9141, list(expected))
+    mgr = start_vine_manager(site_env, 9141, list(expected))
     worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--",
                                                       str(VENV_BIN / "vine_worker"), "--timeout", "60", LOGIN, "9141"],
                                       env={"PATH": f"{VENV_BIN}:/usr/bin:/bin"}, cwd=str(site_env.site.home),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        results = finish(mgr)
+        results = finish(mgr, timeout=180)
     finally:
         worker.terminate()
         worker.wait(timeout=15)
@@ -64,7 +43,7 @@ def test_vine_factory_submits_vpn_wrapped_workers_to_slurm(site_env, slurm):
     worker under `vpn-provider exec` in a sandbox that holds the ticket. (Parsl's TaskVine factory
     mode passes no wrapper: that is what the provider mode with VPNLauncher is for.)"""
     expected = urls_and_sums(site_env)
-    mgr = start_manager(site_env, 9142, list(expected))
+    mgr = start_vine_manager(site_env, 9142, list(expected))
     scratch = site_env.site.home / "vine-factory-scratch"
     factory = site_env.site.popen_user(
         site_env.site.login, [str(VENV_BIN / "vine_factory"), "-T", "slurm", "--min-workers", "1", "--max-workers", "1",
@@ -74,7 +53,7 @@ def test_vine_factory_submits_vpn_wrapped_workers_to_slurm(site_env, slurm):
         env={"PATH": f"{slurm.bin_dir}:{VENV_BIN}:/usr/bin:/bin"}, cwd=str(site_env.site.home),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        results = finish(mgr)
+        results = finish(mgr, timeout=180)
     finally:
         factory.terminate()
         factory.wait(timeout=60)

@@ -18,10 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 LOGIN = "198.19.20.1"
 
 
-def start_manager(site_env, port: int, urls: list[str]) -> subprocess.Popen:
-    mgr = site_env.site.popen_user(site_env.site.login, ["/usr/bin/python3", str(REPO / "tests/drivers/wq_manager.py"),
-                                                         str(port), *urls],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_manager(site_env, port: int, urls: list[str], *, driver: str = "wq_manager.py",
+                  python: str = "/usr/bin/python3") -> subprocess.Popen:
+    """A manager on the login host (tests/drivers/DRIVER, Debian's python3 and its Work Queue
+    module by default), in the user's home, once it listens."""
+    argv = [python, str(REPO / "tests/drivers" / driver), str(port), *urls]
+    mgr = site_env.site.popen_user(site_env.site.login, argv,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   cwd=str(site_env.site.home))
     line = mgr.stdout.readline()
     assert line.startswith("listening"), mgr.stderr.read()
     return mgr

@@ -21,10 +21,6 @@ class Transport(enum.Enum):
     def needs_tunnel(self) -> bool:
         return self in (Transport.RELAY, Transport.TUNNEL)
 
-    @property
-    def needs_namespace(self) -> bool:
-        return self is not Transport.PRELOAD
-
     @classmethod
     def parse(cls, value: "Transport | str | None") -> "Transport | None":
         """A Transport, its name, or None / "auto" (choose on the node); else ValueError."""

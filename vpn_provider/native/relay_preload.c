@@ -172,38 +172,20 @@ static int wait_for(int fd, short events, const struct timespec *deadline)
     }
 }
 
-static int send_by(int fd, const void *buf, size_t n, const struct timespec *deadline)
-{
-    const char *p = buf;
-    while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (k > 0) {
-            p += k;
-            n -= (size_t)k;
-        } else if (k < 0 && errno == EINTR) {
-            continue;
-        } else if (k < 0 && errno == EAGAIN) {
-            if (wait_for(fd, POLLOUT, deadline) < 0)
-                return -1;
-        } else {
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int recv_by(int fd, void *buf, size_t n, const struct timespec *deadline)
+/* Send (`sending`) or receive n bytes by the deadline, waiting when the socket is not ready: the
+ * caller's socket may be non-blocking. 0, or -1 with errno (ECONNRESET: the helper closed). */
+static int transfer_by(int fd, void *buf, size_t n, int sending, const struct timespec *deadline)
 {
     char *p = buf;
     while (n) {
-        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
+        ssize_t k = sending ? send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT) : recv(fd, p, n, MSG_DONTWAIT);
         if (k > 0) {
             p += k;
             n -= (size_t)k;
         } else if (k < 0 && errno == EINTR) {
             continue;
         } else if (k < 0 && errno == EAGAIN) {
-            if (wait_for(fd, POLLIN, deadline) < 0)
+            if (wait_for(fd, sending ? POLLOUT : POLLIN, deadline) < 0)
                 return -1;
         } else {
             if (k == 0)
@@ -251,7 +233,7 @@ static int relayed(connect_fn real_connect, int fd, int family, char verb, const
         request[17] = (uint8_t)(port >> 8);
         request[18] = (uint8_t)port;
         deadline_in(&deadline, ANSWER_MS);
-        if (send_by(fd, request, sizeof request, &deadline) < 0 || recv_by(fd, &status, 1, &deadline) < 0) {
+        if (transfer_by(fd, request, sizeof request, 1, &deadline) < 0 || transfer_by(fd, &status, 1, 0, &deadline) < 0) {
             if (errno == ECONNRESET)
                 errno = ENETUNREACH;
             rc = -1;
@@ -477,8 +459,8 @@ static int relay_lookup(const char *name, const uint16_t *qtypes, int n_qtypes, 
         query[1] = (uint8_t)length;
         struct timespec deadline;
         deadline_in(&deadline, DNS_MS);
-        if (send_by(fd, query, 2 + length, &deadline) < 0 || recv_by(fd, answer, 2, &deadline) < 0
-            || recv_by(fd, answer + 2, (size_t)(answer[0] << 8 | answer[1]), &deadline) < 0) {
+        if (transfer_by(fd, query, 2 + length, 1, &deadline) < 0 || transfer_by(fd, answer, 2, 0, &deadline) < 0
+            || transfer_by(fd, answer + 2, (size_t)(answer[0] << 8 | answer[1]), 0, &deadline) < 0) {
             result = EAI_AGAIN;
             break;
         }
