@@ -123,6 +123,10 @@ def test_python_api_gateway_context_manager_and_run(site_env):
                     break
                 time.sleep(0.2)
             left = gw.workers()
+            if left:  # the relay's view of the connections it still holds, for the failure message
+                import subprocess
+                ss = subprocess.run(["ss", "-tnoeiap"], capture_output=True, text=True).stdout
+                Path({str(state / 'ss-login.txt')!r}).write_text(ss)
             print("workers", len(left), *(f"{{w.transport}}:{{w.worker}}:{{w.flows}}" for w in left), flush=True)
     """)
     holder = site.popen_user(site.login, [str(Path(VP).parent / "python"), "-c", up],
@@ -142,7 +146,9 @@ def test_python_api_gateway_context_manager_and_run(site_env):
         holder.stdin.flush()
         left = holder.stdout.readline().strip()
         if left != "workers 0":  # which worker stayed, and why: shown with the failure
-            print(*_commands(site.user_pids()), (state / "relay.log").read_text()[-1500:],
+            node_ss = site.run_user(site_env.node, ["ss", "-tnoeia"]).stdout
+            print(*_commands(site.user_pids()), (state / "ss-login.txt").read_text(), node_ss,
+                  (state / "relay.log").read_text()[-1500:],
                   (state / "ocserv.log").read_text()[-3000:], sep="\n")
         assert left == "workers 0"
         assert holder.wait(timeout=20) == 0
