@@ -7,13 +7,12 @@ import re
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from . import linux, proc
-from .errors import MissingTool, TicketError, TunnelError
+from .errors import CommandError, MissingTool, TicketError, TunnelError
 from .gateway.supervisor import probe_pin
 from .relay.client import probe
 from .relay.protocol import Mode, relay_key
@@ -180,8 +179,8 @@ def _tunnel(ticket_path: Path, timeout: float, dns_name: str, chosen: Transport)
                 "--timeout", str(timeout), "--log-file", log.name, "--",
                 sys.executable, "-c", _DNS_PROBE, dns_name]
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-        except subprocess.TimeoutExpired:
+            done = proc.run(argv, timeout=timeout + 30, check=False)
+        except CommandError:  # only its time-out: check=False
             return [Finding("tunnel", FAIL, f"no result within {timeout + 30:g} s")]
         oc_log = Path(log.name).read_text(errors="replace")
     relay_only = not chosen.needs_tunnel

@@ -1,9 +1,17 @@
-"""The one place external commands are run: argv is logged, failures raise CommandError.
+"""The one place programs are started, in three ways:
 
-Secrets are never passed in argv; callers hand them over with ``stdin``.
+- ``run``: a command that ends; argv is logged, a failure raises CommandError;
+- ``spawn``: a long-lived child with its output in a log (the egress, the relay, a detached
+  gateway), ended with ``terminate``;
+- ``exec_placed``: in a child we forked ourselves because it must change first (enter
+  namespaces, leave the process group), the exec, with exactly the descriptors it is given.
+
+Secrets are never passed in argv; callers hand them over on stdin or a socket (docs/design.md,
+"Conventions between our processes").
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
@@ -11,7 +19,9 @@ import shutil
 import signal
 import subprocess
 import time
+from typing import NoReturn
 
+from . import linux
 from .errors import CommandError, MissingTool
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,47 @@ def run(argv: list[str], *, stdin: str | None = None, timeout: float = 30.0,
     if check and done.returncode != 0:
         raise CommandError(argv, done.returncode, done.stderr or done.stdout)
     return done
+
+
+def spawn(argv: list[str], *, output: int, stdin: int = subprocess.DEVNULL, pass_fds: tuple[int, ...] = (),
+          detached: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with stdout and stderr on the descriptor ``output`` and, of our descriptors,
+    only ``pass_fds`` (Popen closes the rest). It gets SIGTERM when we die, even by SIGKILL (its
+    parent-death signal), so no helper outlives the gateway; ``detached`` instead makes it the
+    leader of a session of its own that outlives us (a gateway started in the background)."""
+    log.debug("spawn: %s", " ".join(argv))
+    return subprocess.Popen(argv, stdin=stdin, stdout=output, stderr=output, pass_fds=pass_fds,
+                            preexec_fn=None if detached else linux.die_with_parent,
+                            start_new_session=detached,
+                            cwd="/" if detached else None)  # a detached child holds no directory busy
+
+
+def exec_placed(argv: list[str], descriptors: dict[int, int], *, env: dict[str, str] | None = None,
+                open_until_exec: tuple[int, ...] = ()) -> NoReturn:
+    """In a forked child: exec ``argv`` with descriptor ``source`` on number ``target`` for each
+    ``target: source`` in ``descriptors``, and every other descriptor closed, whatever this
+    process inherited (a wrapper's pipes must not be held open by a daemon). ``open_until_exec``
+    stay open until the exec itself closes them: a pipe whose EOF tells the parent that the exec
+    happened, or that still carries the error if it fails. Default signal dispositions are
+    restored. Raises OSError if the exec fails; the caller must then ``os._exit``."""
+    above = max(descriptors, default=-1) + 1
+    # Lift every source above the targets first: a source may sit on another's target, or on
+    # its own (where dup2 would do nothing and leave close-on-exec set).
+    lifted = {target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, above) for target, source in descriptors.items()}
+    for target, source in lifted.items():
+        os.dup2(source, target)  # the copy is inheritable
+    kept = sorted(fd for fd in open_until_exec if fd >= above)
+    start = above
+    for fd in kept:
+        os.closerange(start, fd)
+        os.set_inheritable(fd, False)
+        start = fd + 1
+    # close_range(2) makes this one call; without it (kernels before 5.9) 64 Ki closes, a few ms.
+    os.closerange(start, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
+    linux.restore_default_signals()
+    if env is None:
+        os.execv(argv[0], argv)
+    os.execve(argv[0], argv, env)
 
 
 def tool_version(name: str) -> str:

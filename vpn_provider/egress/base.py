@@ -9,7 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .. import linux, proc
+from .. import proc
 from ..errors import GatewayError
 from ..gateway.credentials import open_file, read_file
 from ..ticket import Endpoint
@@ -60,13 +60,10 @@ class Egress(abc.ABC):
         must add to its egress link for those forwards (often none)."""
 
     def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-        log.debug("spawn: %s", " ".join(argv))
+        """The backend, logging to its own file; it ends with the gateway (proc.spawn)."""
         logfile = open_file(self.run_dir / f"{self.name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            # The parent-death signal ends the backend even if the gateway is SIGKILLed.
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                                    pass_fds=pass_fds,
-                                    preexec_fn=linux.die_with_parent)
+            return proc.spawn(argv, output=logfile, pass_fds=pass_fds)
         finally:
             os.close(logfile)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,11 +51,9 @@ class Gateway:
         log = open_file(self.state_dir / "gateway.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         ready_r, ready_w = os.pipe()
         try:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "vpn_provider", "gateway", "run", *self.config.cli_args(),
-                 "--ready-fd", str(ready_w)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_w,),
-                start_new_session=True, cwd="/")  # -m puts the cwd on sys.path: a checkout there would win
+            # Detached, so in "/": -m puts the cwd on sys.path, and a checkout there would win.
+            child = proc.spawn([sys.executable, "-m", "vpn_provider", "gateway", "run", *self.config.cli_args(),
+                                "--ready-fd", str(ready_w)], output=log, pass_fds=(ready_w,), detached=True)
         finally:
             os.close(log)
             os.close(ready_w)

@@ -147,11 +147,8 @@ class GatewayNamespace:
             if self.masquerade:
                 proc.run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", egress_if, "-j", "MASQUERADE"])
             self._install_policy(denials_w)
-            os.dup2(log_w, 1)
-            os.dup2(log_w, 2)
-            os.set_inheritable(up_w, False)  # EOF on exec tells the parent we got this far
-            linux.restore_default_signals()
-            os.execv(self.ocserv_argv[0], self.ocserv_argv)
+            # up_w's EOF on exec tells the parent we got this far.
+            proc.exec_placed(self.ocserv_argv, {0: 0, 1: log_w, 2: log_w}, open_until_exec=(up_w,))
         except BaseException as e:  # report any failure to the parent, then die
             try:
                 os.write(up_w, f"error: {e}".encode()[:250])

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import linux, proc
+from .. import proc
 from ..errors import GatewayError
 from ..policy import Policy
 from ..relay.protocol import relay_key
@@ -50,14 +50,13 @@ class RelayProcess:
         log = open_file(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         with self._listener as listener:
             try:
-                self.process = subprocess.Popen(
+                self.process = proc.spawn(
                     [sys.executable, "-m", "vpn_provider.relay.server", "--listen-fd", str(listener.fileno()),
                      *(f"--resolver={ip}" for ip in resolvers),
                      *([f"--status-socket={self.status_socket}"] if self.status_socket else []),
                      *(["--plain"] if plain else []), *policy.cli_args(),
                      *(f"--own-port={port}" for port in policy.own_ports)],
-                    stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
-                    preexec_fn=linux.die_with_parent)
+                    output=log, stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
             finally:
                 os.close(log)
         self._listener = None

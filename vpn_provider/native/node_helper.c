@@ -1001,7 +1001,7 @@ int main(void)
         if (msg[0] == 'T' && n > 1 && msg[1] == 0) {
             if (keeper_start(msg, (size_t)n, fds, nfds, CTL_FD) < 0) {
                 report(CTL_FD, "DOWN bad tunnel set-up message from exec");
-                return 0;
+                return HELPER_BAD_SETUP;
             }
             keeping = 1;
         } else if (msg[0] == 'L') {
@@ -1036,9 +1036,9 @@ int main(void)
             pthread_detach(t);
         serve(served, roles, n_served);
         say("stopped serving: %s", strerror(errno));  /* only poll's failure ends serve */
-        return 1;
+        return HELPER_FAILED;
     }
     if (keeping)
         pthread_exit(NULL);  /* the keeper's thread goes on; the process lives while it does */
-    return 0;  /* exec closed the control socket without handing us anything: it gave up, and says why */
+    return HELPER_ENDED;  /* exec closed the control socket without handing us anything: it gave up, and says why */
 }

@@ -274,7 +274,7 @@ static void describe_exit(int status, char *out, size_t n)
     if (WIFEXITED(status))
         snprintf(out, n, "openconnect exited with status %d", WEXITSTATUS(status));
     else if (WIFSIGNALED(status))
-        snprintf(out, n, "openconnect was killed by signal %d", WTERMSIG(status));
+        snprintf(out, n, "openconnect was killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
     else
         snprintf(out, n, "openconnect ended");
 }
@@ -466,7 +466,7 @@ static void *keep(void *unused)
         char msg[160];
         int n = snprintf(msg, sizeof msg, "DOWN %s", pid > 0 ? why : "cannot start openconnect");
         send(k.ctl, msg, (size_t)n, MSG_NOSIGNAL);
-        _exit(0);  /* exec gives up now, and says why */
+        _exit(HELPER_FAILED);  /* exec gives up now, and says why */
     }
     char *reply = malloc((size_t)len + 3);
     if (reply) {

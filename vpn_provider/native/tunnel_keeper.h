@@ -3,6 +3,13 @@
 #define VPNP_TUNNEL_KEEPER_H
 #include <stddef.h>
 
+/* How the helper process ends (exec learns why on the control socket, never from these): */
+enum helper_exit {
+    HELPER_ENDED = 0,      /* exec closed the control socket without handing anything over */
+    HELPER_FAILED = 1,     /* the first tunnel did not come up, or serving stopped */
+    HELPER_BAD_SETUP = 2,  /* a set-up message exec should never have sent */
+};
+
 /* Start keeping the tunnel described by exec's "T" message, with its descriptors (tun, log,
  * the worker's user, net and mount namespaces). Replies go to `ctl`. 0, or -1 if malformed. */
 int keeper_start(const char *msg, size_t len, const int *fds, int nfds, int ctl);

@@ -17,7 +17,6 @@ the gateway are the node's own; then it execs the native binary, which costs the
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import math
 import os
 import select
@@ -26,7 +25,7 @@ import socket
 import sys
 import time
 
-from .. import linux
+from .. import linux, proc
 from ..errors import TunnelError
 from ..ticket import MAX_GATEWAYS, Endpoint
 from . import HELPER_BINARY, NATIVE_REMEDY
@@ -188,15 +187,10 @@ def _become_helper(binary: str, ctl: socket.socket) -> None:
         os.setpgid(0, 0)
         os.chdir("/")  # hold no job directory busy
         devnull = os.open(os.devnull, os.O_RDWR)
-        # Lift the control socket above fd 3 first: it may *be* fd 3, and dup2 onto itself
-        # would leave close-on-exec set.
-        lifted = fcntl.fcntl(ctl.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
-        os.dup2(devnull, 0)  # never hold CMD's stdin or stdout open; stderr is the job's, so
-        os.dup2(devnull, 1)  # a flow the relay could not open is reported where users look
-        os.dup2(lifted, _CTL_FD)
-        os.closerange(_CTL_FD + 1, 1 << 16)  # nor anything else exec inherited (a wrapper's pipes)
-        linux.restore_default_signals()
-        os.execve(binary, [binary], {})
+        # Never hold CMD's stdin or stdout open, nor anything else exec inherited (a wrapper's
+        # pipes); stderr is the job's, so a flow the relay could not open is reported where
+        # users look.
+        proc.exec_placed([binary], {0: devnull, 1: devnull, 2: 2, _CTL_FD: ctl.fileno()}, env={})
     except BaseException:  # never return into exec's code
         pass
     os._exit(127)
