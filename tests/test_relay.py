@@ -429,28 +429,67 @@ def test_records_change_key_every_epoch(monkeypatch):
         stale.open(sealed[4][:4], sealed[4][4:])
 
 
-def test_the_worker_table_keeps_a_workers_bytes_until_it_leaves(native):
-    """A flow that ends adds its bytes to its worker, which stays listed (its helper may be
-    between two PRESENT connections) until its PRESENT connection ends with no flow open."""
-    from vpn_provider.relay.workers import WorkerTable
-    table = WorkerTable()
+def _open_flow(table, worker: int, native: bool):
+    """A running flow of ``worker`` in ``table``: its two outer ends, and an event set once the
+    table counted its end."""
     a, b = socket.socketpair()
     c, d = socket.socketpair()
     flow = Flow(b, c, native=native)
-    table.add_flow("198.19.20.10", 42, flow)
+    ended = threading.Event()
+    table.add_flow("198.19.20.10", worker, flow)
+    counted = flow.on_end
+    flow.on_end = lambda f: (counted(f), ended.set())
     threading.Thread(target=flow.run, daemon=True).start()
+    return a, d, ended
+
+
+def _short_flow(table, worker: int, native: bool) -> None:
+    """A flow of ``worker`` that moves 1000 bytes up and 10 down, then ends."""
+    a, d, ended = _open_flow(table, worker, native)
     a.sendall(b"x" * 1000)
     a.shutdown(socket.SHUT_WR)
     assert d.recv(2000, socket.MSG_WAITALL) == b"x" * 1000
     d.sendall(b"y" * 10)
     d.shutdown(socket.SHUT_WR)
     assert a.recv(100, socket.MSG_WAITALL) == b"y" * 10
-    for _ in range(100):
-        if table.snapshot() and table.snapshot()[0]["flows"] == 0:
-            break
-        threading.Event().wait(0.02)
+    assert ended.wait(5)
+    for s in (a, d):
+        s.close()
+
+
+def test_the_worker_table_keeps_a_workers_bytes_until_it_leaves(native):
+    """A flow that ends before its worker's PRESENT connection came (they start together) adds
+    its bytes to the worker, which stays listed until its PRESENT connection ends."""
+    from vpn_provider.relay.workers import WorkerTable
+    table = WorkerTable()
+    _short_flow(table, 42, native)
     assert table.snapshot() == [{"node": "198.19.20.10", "worker": "vpnp-42", "flows": 0,
                                  "bytes_up": 1000, "bytes_down": 10}]
     with table.present("198.19.20.10", 42):
         assert table.snapshot()[0]["bytes_up"] == 1000
+    assert table.snapshot() == []
+
+
+def test_a_worker_whose_last_flow_outlives_its_presence_is_forgotten_when_the_flow_ends(native):
+    """A job's end closes its PRESENT connection and its last flow at once, in either order:
+    the worker must not stay listed when the PRESENT connection's end is seen first."""
+    from vpn_provider.relay.workers import WorkerTable
+    table = WorkerTable()
+    presence = table.present("198.19.20.10", 7)
+    presence.__enter__()
+    a, d, ended = _open_flow(table, 7, native)
+    presence.__exit__(None, None, None)  # the PRESENT connection ended first
+    assert [w["flows"] for w in table.snapshot()] == [1]
+    for s in (a, d):
+        s.close()
+    assert ended.wait(5)
+    assert table.snapshot() == []
+
+
+def test_a_worker_seen_only_by_its_flows_is_forgotten_after_the_grace(native, monkeypatch):
+    from vpn_provider.relay import workers
+    table = workers.WorkerTable()
+    _short_flow(table, 9, native)
+    assert [w["worker"] for w in table.snapshot()] == ["vpnp-9"]
+    monkeypatch.setattr(workers, "PRESENCE_GRACE", 0.0)
     assert table.snapshot() == []

@@ -3,7 +3,8 @@ address and its number there), whether it is present, its open flows and the byt
 
 A worker is present while its helper holds its idle PRESENT connection (the helper keeps one for
 the job's whole life), so the table lists workers that have no flow open as well. It is
-forgotten when that connection ends (the worker ended) and no flow of it is open.
+forgotten once that connection ended (the worker ended) and no flow of it is open, whichever of
+the two ends last: a job's last flow and its PRESENT connection end together, in either order.
 """
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ import time
 from .protocol import worker_name
 from .pump import Flow
 
+# Seconds a worker seen only by its flows stays listed after they ended: its helper opens its
+# PRESENT connection alongside its first flows, and retries it every second until the relay answers.
+PRESENCE_GRACE = 30.0
+
 
 @dataclasses.dataclass
 class _Tally:
     present: int = 0  # PRESENT connections (one, but briefly two while it reconnects)
+    was_present: bool = False
     flows: set = dataclasses.field(default_factory=set)
+    idle_since: float = 0.0  # time.monotonic() when its last flow ended
     done_up: int = 0  # bytes of ended flows, node -> destination
     done_down: int = 0
 
@@ -45,7 +52,9 @@ class WorkerTable:
     @contextlib.contextmanager
     def present(self, node: str, worker: int):
         with self._lock:
-            self._tallies.setdefault((node, worker), _Tally()).present += 1
+            tally = self._tallies.setdefault((node, worker), _Tally())
+            tally.present += 1
+            tally.was_present = True
         try:
             yield
         finally:
@@ -65,18 +74,25 @@ class WorkerTable:
                 tally.flows.discard(f)
                 tally.done_up += f.moved[0]
                 tally.done_down += f.moved[1]
+                tally.idle_since = time.monotonic()
+                self._forget_if_gone(key)
         flow.on_end = ended
 
-    def _forget_if_gone(self, key) -> None:
-        """A worker is forgotten when its PRESENT connection ends with no flow open, not when a
-        flow ends: its helper may be between two PRESENT connections (after a relay restart),
-        and its bytes would be lost."""
+    def _forget_if_gone(self, key, now: float | None = None) -> None:
+        """Forget a worker with neither a PRESENT connection nor a flow that has been present,
+        or that has not been for PRESENCE_GRACE (with ``now``): one whose PRESENT connection is
+        yet to come keeps the bytes of its first flows."""
         tally = self._tallies[key]
-        if not tally.present and not tally.flows:
+        if tally.present or tally.flows:
+            return
+        if tally.was_present or (now is not None and now - tally.idle_since > PRESENCE_GRACE):
             del self._tallies[key]
 
     def snapshot(self) -> list[dict]:
         with self._lock:
+            now = time.monotonic()
+            for key in list(self._tallies):
+                self._forget_if_gone(key, now)
             return [{"node": node, "worker": worker_name(worker), "flows": len(t.flows),
                      "bytes_up": t.done_up + sum(f.moved[0] for f in t.flows),
                      "bytes_down": t.done_down + sum(f.moved[1] for f in t.flows)}
