@@ -17,7 +17,11 @@ from vpn_provider.egress.slirp import Slirp4netns
 from vpn_provider.gateway import ocserv_conf
 from vpn_provider.gateway.credentials import ensure_credentials
 from vpn_provider.gateway.namespace import GatewayNamespace
+from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR
 from vpn_provider.ticket import Endpoint, Ticket
+
+# Not the product gateway's default pool (100.64.0.0/16): both run on the login host at once.
+POOL = ipaddress.IPv4Network("100.65.0.0/16")
 
 
 def main(state: Path, port: int) -> None:
@@ -25,7 +29,7 @@ def main(state: Path, port: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     creds = ensure_credentials(state, ["prototype"])
     text = ocserv_conf.render(ocserv_conf.OcservSettings(
-        port=port, pool=ipaddress.IPv4Network("100.65.0.0/16"), dns=("198.18.10.1",),
+        port=port, pool=POOL, dns=(INET_ADDR,),  # the internet host's resolver
         server_cert=creds.server_cert, server_key=creds.server_key, passwd_file=creds.passwd_file,
         run_dir=run_dir))
     text = text.replace("compression = false", "compression = true")
@@ -36,7 +40,7 @@ def main(state: Path, port: int) -> None:
     ns.spawn()
     egress = Slirp4netns(run_dir)
     ns.release(egress.start(target_pid=ns.pid, forwards=[("tcp", Endpoint("0.0.0.0", port))]))
-    Ticket(gateways=(Endpoint("198.19.20.1", port),), pin=creds.pin, user=creds.user,
+    Ticket(gateways=(Endpoint(LOGIN_DOWN_ADDR, port),), pin=creds.pin, user=creds.user,
            secret=creds.secret).save(state / "ticket.json")
     print("READY", flush=True)
     try:

@@ -9,6 +9,7 @@ Prints a table, writes results.json and throughput.png. Targets are reported, no
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import statistics
@@ -84,8 +85,9 @@ class Bench:
         subprocess.run(self.site.as_root(self.site.login, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]), check=True)
         with NetNS(self.node.ns) as ns:
             ns.route("add", dst="0.0.0.0/0", gateway=LOGIN_DOWN_ADDR)
+        lan = ipaddress.ip_interface(f"{LOGIN_DOWN_ADDR}/24").network  # the site's LAN: every address a /24
         with NetNS(self.site.inet.ns) as ns:
-            ns.route("add", dst="198.19.20.0/24", gateway=LOGIN_UP_ADDR)
+            ns.route("add", dst=str(lan), gateway=LOGIN_UP_ADDR)
 
     def cap(self, rate: str | None) -> None:
         """tbf on both ends of the node<->login link (None removes it)."""

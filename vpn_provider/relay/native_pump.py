@@ -2,9 +2,9 @@
 the node helper's own pumps, loaded with ctypes. A call lets go of the GIL and carries both
 directions of the flow in the calling thread until it ends; the sockets are its to close.
 
-Measured on the simulated site, the sealed Python pump (pump.py) costs the gateway about twice
-the CPU per GB of this one. The Python pump stays for installs without the library (an sdist
-built without a compiler); `gateway status` says which one runs.
+The sealed Python pump (pump.py) costs the gateway clearly more CPU per GB than this one
+(docs/benchmarks.md). The Python pump stays for installs without the library (an sdist built
+without a compiler); `gateway status` says which one runs.
 """
 from __future__ import annotations
 
