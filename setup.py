@@ -8,8 +8,8 @@ Python 3 on its platform (tagged py3-none-<platform>; scripts/build-wheel makes 
   the job, it sends its TCP connects and name lookups to the node helper (relay_preload.c).
 - ``_relay_pump.so``: the gateway's end of each relayed flow, the node helper's own pumps
   (flow_pump.c) in a plain shared library that the gateway's Python relay loads with ctypes.
-- ``_node_helper``: the worker's companion, a small executable (about 1 MB of memory of its own,
-  where a Python helper costs 11 MB per worker): the node's end of the TCP relay, and the keeper
+- ``_node_helper``: the worker's companion, a small executable (a small fraction of the memory a
+  Python helper would cost per worker): the node's end of the TCP relay, and the keeper
   that runs openconnect and brings the tunnel back after the gateway restarts.
 
 The helper and the pump link OpenSSL's libcrypto statically (libssl-dev to build). Without a C
@@ -51,8 +51,8 @@ class BuildNative(build_ext):
         # libcrypto (OpenSSL 3): the relay's X25519, HKDF, HMAC and AES-GCM, linked in
         # statically into a position-dependent executable: its relocated tables then sit in file
         # pages that every helper on the node shares, where a shared libcrypto (or a PIE) gives
-        # each worker 0.3-0.4 MB of private copies (measured: PSS 1.23 -> 0.90 MB with 4
-        # workers). As cryptography's own wheels do, we ship the OpenSSL we built with.
+        # each worker private copies of them (the helper's PSS: docs/benchmarks.md). As
+        # cryptography's own wheels do, we ship the OpenSSL we built with.
         self.compiler.link_executable(objects, "_node_helper", output_dir=out_dir,
                                       extra_postargs=["-no-pie", "-Wl,-z,relro,-z,now", "-Wl,-Bstatic", "-lcrypto",
                                                       "-Wl,-Bdynamic", "-ldl", "-pthread", "-s"])

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto (default): the best this node and the gateway allow, in this order: relay, "
                          "then relay-only, then preload (said in one line); relay: the full-IP tunnel, with TCP "
                          "through the gateway's encrypted relay; tunnel: all traffic in the encrypted tunnel; "
-                         "relay-only: no tunnel, only TCP and DNS, through the relay (0.65 MB PSS per worker "
-                         "instead of 3.8, four per node); "
+                         "relay-only: no tunnel, only TCP and DNS, through the relay (a fraction of the default's "
+                         "memory per worker); "
                          "preload: where user namespaces are off, TCP and DNS through the relay for dynamically "
                          "linked programs, by a preloaded library")
     ex.add_argument("--reconnect-timeout", type=_non_negative, default=DEFAULT_RECONNECT_TIMEOUT,

@@ -30,8 +30,8 @@ def select(name: str) -> type[Egress]:
         ok, why = backend.is_supported()
         if ok:
             if backend is Pasta and not Pasta.is_fast():
-                log.warning("egress pasta (%s): this pasta release is slow (about 55 Mbit/s through the "
-                            "tunnel, measured); install slirp4netns for the tunnel's full speed", reasons[0])
+                log.warning("egress pasta (%s): this pasta release is much slower than slirp4netns through the "
+                            "tunnel (docs/benchmarks.md); install slirp4netns for its full speed", reasons[0])
             return backend
         log.info("egress %s rejected: %s", backend.name, why)
         reasons.append(why)

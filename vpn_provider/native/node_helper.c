@@ -3,8 +3,8 @@
  * vpn_provider/relay/protocol.py), and its thread in tunnel_keeper.c keeps the tunnel.
  *
  * `vpn-provider exec` starts one per worker, in the node's own network namespace, and it lives
- * as long as the job. It is C so that it costs the job about 1 MB of memory of its own (most of
- * it libcrypto's tables; its code is shared), not the 11 MB of an interpreter. Its life, driven
+ * as long as the job. It is C so that it costs the job a small fraction of an interpreter's memory
+ * (most of its own is libcrypto's tables; its code is shared; docs/benchmarks.md). Its life, driven
  * over the control socket on fd 3 (SOCK_SEQPACKET):
  *
  *   exec -> us   "IP[,IP..] PORT KEYHEX WORKER"  the gateways' relays; the key never in argv
@@ -636,8 +636,8 @@ extern const char __executable_start[], etext[];
 
 /* A burst of handshakes, and the set-up before it, leave free heap the allocator would keep for
  * the job's life; and start-up runs much of libcrypto once (and the kernel maps code in 64 KiB
- * runs), which then stays mapped in every worker: 1.5 MB of code resident after start-up, 64 KiB
- * once given back. Measured with 4 workers on a node: the helper's PSS 1.0 -> 0.66 MB. */
+ * runs), which then stays mapped in every worker: given back, almost none of it stays resident
+ * (the helper's PSS with and without this: docs/benchmarks.md). */
 void give_back_memory(void)
 {
     malloc_trim(0);

@@ -3,7 +3,7 @@
  * (flow_pump.c). The gateway's relay is Python (handshake, policy, status); once a flow is set
  * up it calls one of these through ctypes, which lets go of the GIL, from the flow's thread.
  * A Python pump per 64 KiB record costs the gateway about as much CPU as the whole rest of the
- * chain; this one costs what the node helper's does.
+ * chain; this one costs what the node helper's does (docs/benchmarks.md).
  */
 #define _GNU_SOURCE
 #include <stdio.h>

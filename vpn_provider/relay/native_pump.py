@@ -43,7 +43,7 @@ def describe() -> str:
     """Which pump carries the flows, for `gateway status`."""
     if available():
         return "native (_relay_pump.so)"
-    return f"Python: {LIBRARY.name} is missing (built by a C compiler at install); about twice the CPU per GB"
+    return f"Python: {LIBRARY.name} is missing (built by a C compiler at install); more CPU per GB"
 
 
 def pump_plain(a: socket.socket, b: socket.socket, paced: int, moved: Counters) -> None:

@@ -3,8 +3,8 @@ built as ``vpn_provider/_node_helper``): the worker's end of the TCP relay, and 
 runs openconnect and brings the tunnel back after the gateway restarts.
 
 The helper is forked while ``exec`` is still in the node's network namespace, so its sockets to
-the gateway are the node's own; then it execs the native binary, which costs the worker about
-1 MB for as long as the job runs. Messages on the control socket (SOCK_SEQPACKET):
+the gateway are the node's own; then it execs the native binary, which costs the worker little
+memory (docs/benchmarks.md) for as long as the job runs. Messages on the control socket (SOCK_SEQPACKET):
 
     exec -> helper   "IP[,IP..] PORT KEYHEX WORKER"   check the relay (answer: "OK" | "NO reason");
                      the other gateways' relays are for when its gateway dies; WORKER: our pid
