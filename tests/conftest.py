@@ -3,13 +3,17 @@ every product process runs as the site's unprivileged user)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,13 +84,110 @@ def wait_until(predicate, timeout: float, interval: float = 0.05):
     return predicate()
 
 
+def sha_lines(stdout: str) -> list[str]:
+    """The SHA-256 sums that start lines of ``stdout`` (sha256sum's output), in order."""
+    return re.findall(r"^([0-9a-f]{64})\b", stdout, flags=re.M)
+
+
+@contextmanager
+def own_site(**kw):
+    """A simulated site of a test's own (``Site(**kw)``, not the session's), with /dev/net/tun as
+    an ordinary compute node has it (distributions ship it 0666); afterwards the site is closed
+    and the device's mode restored."""
+    reason = _site_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from vpn_provider.sim.site import Site
+    prior_mode = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o666)
+    try:
+        with Site(**kw) as site:
+            yield site
+    finally:
+        os.chmod("/dev/net/tun", prior_mode)
+
+
+# Each gateway a test starts listens on a port of its own and its relay on the next (`--relay-port`
+# defaults to PORT + 1). From 10000 on, the pairs are clear of every fixed port of the site and its
+# tests, all below 10000 (the session gateway's 8443 and 8444, Slurm's 68xx, the managers' 91xx,
+# the Python API test's 9445 and 9446, ports tests hold or drop), and of the ephemeral range.
+_GATEWAY_PORTS = itertools.count(10000, 2)
+DEFAULT_PORTS = (8443, 8444)  # a gateway started without --listen: the session gateway's
+
+
+def gateway_ports() -> tuple[int, int]:
+    """A port for a gateway and the next, for its relay; no other gateway of the session gets them."""
+    port = next(_GATEWAY_PORTS)
+    return port, port + 1
+
+
+class SiteGateway:
+    """A gateway on a simulated site, run by `vpn-provider gateway` as the site's user on ``host``
+    with state dir ``state`` and the options ``args``. ``listen``: on ports of its own (from
+    gateway_ports()), or (False) on the default listen address. ``vp``: the vpn-provider to run;
+    ``run``: Site.run_user's keyword arguments (env, cwd, hide) for each of its commands."""
+
+    def __init__(self, site, host, state: Path, *args: str, listen: bool = True, vp: str = VP, **run):
+        self.site, self.host, self.state, self.args, self.vp, self.run = site, host, state, args, vp, run
+        self.port, self.relay_port = gateway_ports() if listen else DEFAULT_PORTS
+        self.listen = ("--listen", f"0.0.0.0:{self.port}") if listen else ()
+        self.ticket = state / "ticket.json"
+        self.started: subprocess.CompletedProcess | None = None  # the last `gateway start`
+        self.running = False  # as far as start() and stop() know (a test may kill it otherwise)
+
+    @property
+    def pid(self) -> int:
+        """The supervisor's, from gateway.pid."""
+        return int((self.state / "gateway.pid").read_text().split()[0])
+
+    def command(self, action: str, *args: str) -> subprocess.CompletedProcess:
+        return self.site.run_user(self.host, [self.vp, "gateway", action, "--state-dir", str(self.state), *args],
+                                  **self.run)
+
+    def start(self) -> subprocess.CompletedProcess:
+        """`gateway start`, which must succeed; again after a stop or a crash."""
+        self.running = True  # a start that timed out may have left it up
+        self.started = self.command("start", *self.listen, *self.args)
+        self.running = self.started.returncode == 0
+        assert self.started.returncode == 0, self.started.stderr
+        return self.started
+
+    def stop(self) -> subprocess.CompletedProcess:
+        """`gateway stop`, whether or not one runs (its result says)."""
+        self.running = False
+        return self.command("stop")
+
+    def tunnel_clients(self) -> int:
+        """Workers with a tunnel session at this gateway."""
+        done = self.command("status", "--json")
+        assert done.returncode == 0, done.stderr
+        return sum(w["vpn_ip"] != "" for w in json.loads(done.stdout)["workers"])
+
+
+@pytest.fixture
+def start_gateway(request):
+    """Starts gateways of the test's own: ``start_gateway(name, *args, site=None, host=None, **kw)``
+    runs `gateway start` with state dir ~/NAME and the options ``args``, on ``host`` of ``site``
+    (by default the session's site and its login host), on ports of its own unless ``listen=False``
+    (SiteGateway takes ``kw``), and returns the running SiteGateway. Whatever the test left running
+    is stopped at its end, failed or not."""
+    with ExitStack() as stops:
+        def start(name: str, *args: str, site=None, host=None, **kw) -> SiteGateway:
+            site = site or request.getfixturevalue("site_env").site
+            gw = SiteGateway(site, host or site.login, site.home / name, *args, **kw)
+            stops.callback(lambda: gw.running and gw.stop())
+            gw.start()
+            return gw
+        yield start
+
+
 class SiteEnv:
     """A built site with DNS/HTTP/XRootD on the internet host and one running gateway."""
 
     def __init__(self, site, http_url, xrootd_url, big_sha, gateway_dir):
         self.site, self.http_url, self.xrootd_url, self.big_sha = site, http_url, xrootd_url, big_sha
-        self.gateway_dir = gateway_dir
-        self.ticket = gateway_dir / "ticket.json"
+        self.gateway = SiteGateway(site, site.login, gateway_dir, listen=False)
+        self.gateway_dir, self.ticket = gateway_dir, self.gateway.ticket
         self.node = site.nodes[0]
         self.baseline: set[int] = set()
 
@@ -112,32 +213,19 @@ class SiteEnv:
 
 @pytest.fixture(scope="session")
 def site_env():
-    reason = _site_skip_reason()
-    if reason:
-        pytest.skip(reason)
     from vpn_provider.sim import data, services
-    from vpn_provider.sim.site import Site
-    prior_mode = os.stat("/dev/net/tun").st_mode & 0o777
-    # Model an ordinary compute node: distributions ship /dev/net/tun as 0666 (see README).
-    os.chmod("/dev/net/tun", 0o666)
-    site = Site(nodes=2).build()  # two: jobs that span nodes (srun -N2)
-    try:
+    with own_site(nodes=2) as site:  # two: jobs that span nodes (srun -N2)
         docroot = services.docroot(site)
         big_sha = data.random_file(docroot / "big.bin", 200)
         data.nanoaod_file(docroot / "events.root", n_events=20_000)
         services.start_dns(site)
         http_url = services.start_http(site, docroot)
         xrootd_url = services.start_xrootd(site, docroot)
-        gateway_dir = site.home / "gw-main"
-        env = SiteEnv(site, http_url, xrootd_url, big_sha, gateway_dir)
-        started = env.vp(site.login, "gateway", "start", "--state-dir", str(gateway_dir))
-        assert started.returncode == 0, started.stderr
+        env = SiteEnv(site, http_url, xrootd_url, big_sha, site.home / "gw-main")
+        env.gateway.start()
         env.baseline = set(site.user_pids())
         yield env
-        env.vp(site.login, "gateway", "stop", "--state-dir", str(gateway_dir))
-    finally:
-        site.close()
-        os.chmod("/dev/net/tun", prior_mode)
+        env.gateway.stop()
 
 
 @pytest.fixture(scope="session")
