@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gateway_ports
+
 pytestmark = pytest.mark.site
 
 DEFAULT_TIMEOUT = 15
@@ -76,8 +78,9 @@ def test_bad_ticket_fails_fast_with_one_line(site_env, case):
 @pytest.mark.parametrize("timeout", [DEFAULT_TIMEOUT, 4])
 def test_silent_gateway_times_out_as_configured(site_env, timeout):
     """A firewall that drops packets gives no error at all: only the time-out ends the wait."""
-    site_env.site.drop(9999, "tcp")
-    path = site_env.write_ticket("blackhole.json", _ticket_text(site_env, gateways=["198.19.20.1:9999"]))
+    silent, _ = gateway_ports()
+    site_env.site.drop(silent, "tcp")
+    path = site_env.write_ticket("blackhole.json", _ticket_text(site_env, gateways=[f"198.19.20.1:{silent}"]))
     extra = () if timeout == DEFAULT_TIMEOUT else ("--timeout", str(timeout))
     t0 = time.monotonic()
     done = site_env.exec_("true", ticket=path, extra=extra, timeout=60)

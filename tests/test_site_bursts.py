@@ -8,40 +8,27 @@ takes them all.
 """
 from __future__ import annotations
 
-import os
 import sys
 import subprocess
 import time
 
 import pytest
 
-from conftest import VP, _site_skip_reason, wait_until
+from conftest import VP, own_site, wait_until
 
 pytestmark = pytest.mark.site
 
 
 @pytest.fixture
-def site_of(request):
+def site_of(request, start_gateway):
     """A site with ``request.param`` nodes, DNS on the internet host and a gateway on the login host."""
-    reason = _site_skip_reason()
-    if reason:
-        pytest.skip(reason)
     from vpn_provider.sim import services
-    from vpn_provider.sim.site import Site
-    prior_mode = os.stat("/dev/net/tun").st_mode & 0o777
-    os.chmod("/dev/net/tun", 0o666)  # an ordinary compute node (see conftest)
-    site = Site(nodes=request.param).build()
-    try:
+    with own_site(nodes=request.param) as site:
         services.start_dns(site)
-        state = site.home / "gw"
-        done = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(state)])
-        assert done.returncode == 0, done.stderr
-        yield site, state / "ticket.json"
-        site.run_user(site.login, [VP, "gateway", "stop", "--state-dir", str(state)])
+        gw = start_gateway("gw", site=site, listen=False)  # the site's own: the default listen address
+        yield site, gw.ticket
+        gw.stop()
         assert wait_until(lambda: not site.user_pids(), 20)
-    finally:
-        site.close()
-        os.chmod("/dev/net/tun", prior_mode)
 
 
 def _burst(site, ticket, per_node: int, mode: str) -> list[str]:

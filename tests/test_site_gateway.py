@@ -9,27 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VP, wait_until
+from conftest import VP, gateway_ports, wait_until
 
 pytestmark = pytest.mark.site
 
 
-def test_two_gateways_coexist_and_stop_cleanly(site_env):
+def test_two_gateways_coexist_and_stop_cleanly(site_env, start_gateway):
     site = site_env.site
-    state = site.home / "gw-second"
     before = set(site.user_pids())
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9444")
-    assert started.returncode == 0, started.stderr
+    gw = start_gateway("gw-second")
     second = set(site.user_pids()) - before
     assert second, "the second gateway started no process"
-    for ticket in (site_env.ticket, state / "ticket.json"):
+    for ticket in (site_env.ticket, gw.ticket):
         assert site_env.exec_("true", ticket=ticket).returncode == 0
-    assert json.loads((state / "ticket.json").read_text())["pin"] != json.loads(site_env.ticket.read_text())["pin"]
-    stopped = site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    assert json.loads(gw.ticket.read_text())["pin"] != json.loads(site_env.ticket.read_text())["pin"]
+    stopped = gw.stop()
     assert stopped.returncode == 0, stopped.stderr
     assert wait_until(lambda: not (second & set(site.user_pids())), 10), "stop left processes behind"
     assert site_env.exec_("true").returncode == 0, "the first gateway stopped serving"
-    again = site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    again = site_env.vp(site.login, "gateway", "stop", "--state-dir", str(gw.state))
     assert again.returncode == 1 and "no gateway runs" in again.stderr
 
 
@@ -162,7 +160,8 @@ def test_gateway_run_in_foreground_cleans_up_on_ctrl_c(site_env):
     site = site_env.site
     state = site.home / "gw-foreground"
     before = set(site.user_pids())
-    run = site.popen_user(site.login, [VP, "gateway", "run", "--state-dir", str(state), "--listen", "0.0.0.0:9447"],
+    port, _ = gateway_ports()
+    run = site.popen_user(site.login, [VP, "gateway", "run", "--state-dir", str(state), "--listen", f"0.0.0.0:{port}"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: (state / "gateway.pid").exists() or run.poll() is not None, 30)

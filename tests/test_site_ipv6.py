@@ -12,6 +12,7 @@ import pytest
 from pyroute2 import NetNS
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
+from conftest import sha_lines
 from vpn_provider.sim.site import HTTP_NAME, INET_ADDR, INET_ADDR6, IPV6_ONLY_NAME, LOGIN_UP_ADDR6_BASE, XROOTD_NAME
 
 pytestmark = pytest.mark.site
@@ -47,7 +48,7 @@ def ipv6_run(request, site_env) -> dict:
     return {"mode": request.param, "stdout": out, "stderr": done.stderr,
             "v6_lookup": out.split("v6_lookup\n")[1].split("ds_lookup\n")[0],
             "ds_lookup": out.split("ds_lookup\n")[1],
-            "sha": re.findall(r"^([0-9a-f]{64})\b", out, flags=re.M),
+            "sha": sha_lines(out),
             **dict(re.findall(r"^(ds_\S+)=(\S*)", out, flags=re.M)),
             "udp6": udp6, "udp6_seconds": float(udp6_seconds or "inf")}
 
@@ -118,7 +119,7 @@ def test_without_ipv6_on_the_login_node_dual_stack_names_still_work(site_env, lo
     done = site_env.exec_("sh", "-c", script, extra=("--tcp", tcp), timeout=180)
     assert done.returncode == 0, done.stderr
     assert f"curl_ds={INET_ADDR}\n" in done.stdout, done.stdout + done.stderr
-    assert re.findall(r"^([0-9a-f]{64})\b", done.stdout, flags=re.M) == [site_env.big_sha], done.stderr
+    assert sha_lines(done.stdout) == [site_env.big_sha], done.stderr
     rc, seconds = map(int, re.search(r"curl_v6=(\d+) seconds=(\d+)", done.stdout).groups())
     assert rc == 56 and "reset" in done.stderr and seconds <= 3, done.stderr
     assert site_env.leftovers() == set()

@@ -6,16 +6,14 @@ Each test builds its own site (not the session's `site_env`), so it can pick the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from conftest import VP, wait_until
+from conftest import VP, own_site, wait_until
 
 pytestmark = pytest.mark.site
 
@@ -55,27 +53,6 @@ print(json.dumps(out))
 """
 
 
-@contextmanager
-def _site(**kw):
-    from vpn_provider.sim.site import Site
-    site = Site(**kw).build()
-    try:
-        yield site
-    finally:
-        site.close()
-
-
-@contextmanager
-def _tun_for_users():
-    # Model an ordinary compute node, as conftest's site_env does (distributions ship 0666).
-    prior = os.stat("/dev/net/tun").st_mode & 0o777
-    os.chmod("/dev/net/tun", 0o666)
-    try:
-        yield
-    finally:
-        os.chmod("/dev/net/tun", prior)
-
-
 def _serve_names(site, hosts) -> None:
     for host in hosts:
         site.start_service(host, [sys.executable, "-c", _NAME_SERVER, host.addr, str(NAME_PORT), host.ns],
@@ -101,8 +78,8 @@ def _traces(prefix: str) -> list[str]:
 
 
 def test_nodes_and_login_share_one_lan():
-    from vpn_provider.sim.site import INET_ADDR
-    with _site(nodes=4) as site:
+    from vpn_provider.sim.site import INET_ADDR, Site
+    with Site(nodes=4) as site:
         assert [n.addr for n in site.nodes] == [f"198.19.20.{10 + i}" for i in range(4)]
         assert site.login.addr == "198.19.20.1" and site.logins == [site.login]
         _serve_names(site, [site.inet, site.login, *site.nodes])
@@ -115,8 +92,8 @@ def test_nodes_and_login_share_one_lan():
 
 
 def test_two_login_hosts_reach_the_internet_and_every_node_reaches_both():
-    from vpn_provider.sim.site import INET_ADDR
-    with _site(nodes=2, logins=2) as site:
+    from vpn_provider.sim.site import INET_ADDR, Site
+    with Site(nodes=2, logins=2) as site:
         prefix = site.prefix
         assert [h.addr for h in site.logins] == ["198.19.20.1", "198.19.20.2"] and site.login == site.logins[0]
         _serve_names(site, [site.inet, *site.logins])
@@ -131,35 +108,31 @@ def test_two_login_hosts_reach_the_internet_and_every_node_reaches_both():
     assert _traces(prefix) == [], "close() left something behind"
 
 
-def _start_gateway(site, state: Path, *extra: str) -> None:
-    started = site.run_user(site.login, [VP, "gateway", "start", "--state-dir", str(state), *extra])
-    assert started.returncode == 0, started.stderr
-
-
-def _stop_and_check_nothing_left(site, state: Path) -> None:
-    stopped = site.run_user(site.login, [VP, "gateway", "stop", "--state-dir", str(state)])
+# These gateways listen on the default address (their sites are their own): each test stops its
+# gateway itself, while its site is still up.
+def _stop_and_check_nothing_left(gw) -> None:
+    stopped = gw.stop()
     assert stopped.returncode == 0, stopped.stderr
-    assert wait_until(lambda: not site.user_pids(), 10), f"stop left processes: {site.user_pids()}"
+    assert wait_until(lambda: not gw.site.user_pids(), 10), f"stop left processes: {gw.site.user_pids()}"
 
 
-def test_gateway_with_default_listen_serves_every_node():
-    with _tun_for_users(), _site(nodes=2) as site:
-        state = site.home / "gw"
-        _start_gateway(site, state)
+def test_gateway_with_default_listen_serves_every_node(start_gateway):
+    with own_site(nodes=2) as site:
+        gw = start_gateway("gw", site=site, listen=False)
         try:
             for node in site.nodes:
-                done = site.run_user(node, [VP, "exec", "--ticket", str(state / "ticket.json"), "--", "true"])
+                done = site.run_user(node, [VP, "exec", "--ticket", str(gw.ticket), "--", "true"])
                 assert done.returncode == 0, (node.ns, done.stderr)
         finally:
-            _stop_and_check_nothing_left(site, state)
+            _stop_and_check_nothing_left(gw)
 
 
-def test_duplicate_host_address_is_listened_on_once():
+def test_duplicate_host_address_is_listened_on_once(start_gateway):
     """The same address on two interfaces of the login host (as on some real login nodes) is
     reported once, and the gateway comes up on the default listen address."""
     from vpn_provider.sim.site import LOGIN_DOWN_ADDR, LOGIN_UP_ADDR
     from pyroute2 import NetNS
-    with _tun_for_users(), _site(nodes=1) as site:
+    with own_site(nodes=1) as site:
         with NetNS(site.login.ns) as ns:  # a port-less bridge stands in for a second NIC
             ns.link("add", ifname=f"{site.prefix}dup", kind="bridge")
             ns.addr("add", index=ns.link_lookup(ifname=f"{site.prefix}dup")[0], address=LOGIN_DOWN_ADDR,
@@ -173,22 +146,21 @@ def test_duplicate_host_address_is_listened_on_once():
         in_kernel_order = [line.split()[3].split("/")[0] for line in listed.splitlines() if " lo " not in line]
         assert seen.stdout.split() == list(dict.fromkeys(in_kernel_order)), seen.stderr
         assert sorted(seen.stdout.split()) == [LOGIN_UP_ADDR, LOGIN_DOWN_ADDR]
-        state = site.home / "gw"
-        _start_gateway(site, state)
+        gw = start_gateway("gw", site=site, listen=False)
         try:
-            done = site.run_user(site.nodes[0], [VP, "exec", "--ticket", str(state / "ticket.json"), "--", "true"])
+            done = site.run_user(site.nodes[0], [VP, "exec", "--ticket", str(gw.ticket), "--", "true"])
             assert done.returncode == 0, done.stderr
         finally:
-            _stop_and_check_nothing_left(site, state)
+            _stop_and_check_nothing_left(gw)
 
 
 @pytest.mark.parametrize("how", ["removed", "renamed"])
-def test_stop_finds_the_gateway_after_its_state_dir_vanished(how):
-    with _tun_for_users(), _site(nodes=1) as site:
-        state = site.home / "gw"
-        _start_gateway(site, state)
+def test_stop_finds_the_gateway_after_its_state_dir_vanished(start_gateway, how):
+    with own_site(nodes=1) as site:
+        gw = start_gateway("gw", site=site, listen=False)
+        state = gw.state
         try:
-            pid = int((state / "gateway.pid").read_text())
+            pid = gw.pid
             if how == "removed":
                 shutil.rmtree(state)
             else:
@@ -196,6 +168,6 @@ def test_stop_finds_the_gateway_after_its_state_dir_vanished(how):
             assert not state.exists()
             assert pid in site.user_pids()
         finally:
-            _stop_and_check_nothing_left(site, state)
+            _stop_and_check_nothing_left(gw)
         again = site.run_user(site.login, [VP, "gateway", "stop", "--state-dir", str(state)])
         assert again.returncode == 1 and "no gateway runs" in again.stderr

@@ -19,42 +19,35 @@ def _fetch_by_name(site_env, ticket, hide=NODE_LACKS, extra=()):
     return site_env.exec_("sh", "-c", FETCH.format(url=site_env.http_url), ticket=ticket, extra=extra, hide=hide)
 
 
-def test_a_gateway_without_ocserv_or_an_egress_runs_the_relay_alone(site_env):
-    site = site_env.site
-    state = site.home / "gw-relay-alone"
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9470",
-                          hide=GATEWAY_HOST_LACKS)
-    try:
-        assert started.returncode == 0, started.stderr
-        assert "the relay alone, TCP and DNS: ocserv and occtl are not installed on this host" in started.stdout
-        ticket = state / "ticket.json"
-        assert json.loads(ticket.read_text())["tunnel"] is False
-        assert not (state / "ocpasswd").exists()  # nothing of the tunnel's, and no openssl needed
+def test_a_gateway_without_ocserv_or_an_egress_runs_the_relay_alone(site_env, start_gateway):
+    gw = start_gateway("gw-relay-alone", hide=GATEWAY_HOST_LACKS)
+    assert "the relay alone, TCP and DNS: ocserv and occtl are not installed on this host" in gw.started.stdout
+    ticket = gw.ticket
+    assert json.loads(ticket.read_text())["tunnel"] is False
+    assert not (gw.state / "ocpasswd").exists()  # nothing of the tunnel's, and no openssl needed
 
-        fetched = _fetch_by_name(site_env, ticket, hide=())  # this node has openconnect: no use for it
-        assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.strip() == site_env.big_sha
-        assert "transport relay-only (TCP and DNS only): the gateway offers no tunnel" in fetched.stderr
+    fetched = _fetch_by_name(site_env, ticket, hide=())  # this node has openconnect: no use for it
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.strip() == site_env.big_sha
+    assert "transport relay-only (TCP and DNS only): the gateway offers no tunnel" in fetched.stderr
 
-        forced = site_env.exec_("true", ticket=ticket, extra=("--tcp", "tunnel"))
-        assert forced.returncode == 125
-        assert forced.stderr == ("vpn-provider: VPN tunnel failed: --tcp tunnel: the gateway offers no tunnel "
-                                 "(it runs the relay alone); leave --tcp out, or pass --tcp relay-only\n")
+    forced = site_env.exec_("true", ticket=ticket, extra=("--tcp", "tunnel"))
+    assert forced.returncode == 125
+    assert forced.stderr == ("vpn-provider: VPN tunnel failed: --tcp tunnel: the gateway offers no tunnel "
+                             "(it runs the relay alone); leave --tcp out, or pass --tcp relay-only\n")
 
-        check = site_env.vp(site_env.node, "check", "--ticket", str(ticket), "--dns-name", "www.sim.test",
-                            timeout=90, hide=NODE_LACKS)
-        rows = {ln.split("  ")[0]: ln for ln in check.stdout.splitlines()}
-        assert check.returncode == 0, check.stdout
-        assert " ok " in rows["transports"]
-        assert "the relay alone (TCP and DNS); exec takes relay-only" in rows["transports"]
-        assert " ok " in rows["relay-only worker"] and " ok " in rows["DNS through the relay (www.sim.test)"]
+    check = site_env.vp(site_env.node, "check", "--ticket", str(ticket), "--dns-name", "www.sim.test",
+                        timeout=90, hide=NODE_LACKS)
+    rows = {ln.split("  ")[0]: ln for ln in check.stdout.splitlines()}
+    assert check.returncode == 0, check.stdout
+    assert " ok " in rows["transports"]
+    assert "the relay alone (TCP and DNS); exec takes relay-only" in rows["transports"]
+    assert " ok " in rows["relay-only worker"] and " ok " in rows["DNS through the relay (www.sim.test)"]
 
-        status = site_env.vp(site.login, "gateway", "status", "--state-dir", str(state), "--json",
-                             hide=GATEWAY_HOST_LACKS)
-        assert status.returncode == 0, status.stderr
-        assert json.loads(status.stdout)["relay"]["encryption"] == "AES-128-GCM"
-    finally:
-        site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    status = gw.command("status", "--json")  # on the gateway's host, which lacks the packages
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["relay"]["encryption"] == "AES-128-GCM"
+    gw.stop()
     assert site_env.leftovers() == set()
 
 

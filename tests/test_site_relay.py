@@ -15,19 +15,6 @@ from conftest import VP, comm, wait_until
 pytestmark = pytest.mark.site
 
 
-def _start_gateway(site_env, name: str, port: int, *extra: str):
-    site = site_env.site
-    state = site.home / name
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", f"0.0.0.0:{port}",
-                          *extra)
-    assert started.returncode == 0, started.stderr
-    return state
-
-
-def _stop_gateway(site_env, state) -> None:
-    site_env.vp(site_env.site.login, "gateway", "stop", "--state-dir", str(state))
-
-
 _COUNT_20MB_AND_TUN = ("curl -sS -f {url}/big.bin | head -c 20971520 | wc -c; "
                        "echo tun_rx_bytes=$(sed -n 's/^ *vpn0: *\\([0-9]*\\).*/\\1/p' /proc/net/dev)")
 
@@ -37,58 +24,57 @@ def _tun_rx(stdout: str) -> int:
     return int(re.search(r"tun_rx_bytes=(\d+)", stdout).group(1))
 
 
-def test_unreachable_relay_falls_back_to_the_tunnel_with_one_warning(site_env):
+def test_unreachable_relay_falls_back_to_the_tunnel_with_one_warning(site_env, start_gateway):
     """A site firewall that lets the VPN port through but not the relay's must cost speed, not
     the job."""
     site = site_env.site
-    state = _start_gateway(site_env, "gw-relay-blocked", 9450)
+    gw = start_gateway("gw-relay-blocked")
+    relay = gw.relay_port
     try:
-        assert json.loads((state / "ticket.json").read_text())["relay_port"] == 9451
-        site.drop(9451, "tcp")
+        assert json.loads(gw.ticket.read_text())["relay_port"] == gw.port + 1
+        site.drop(relay, "tcp")
         t0 = time.monotonic()
         done = site_env.exec_("sh", "-c", _COUNT_20MB_AND_TUN.format(url=site_env.http_url),
-                              ticket=state / "ticket.json", timeout=120)
+                              ticket=gw.ticket, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[0] == "20971520"
         assert _tun_rx(done.stdout) > 20_000_000, "the data did not come through the tunnel"
         # (curl also complains: head closes the pipe after 20 MB)
         warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("vpn-provider:")]
-        assert len(warnings) == 1 and "TCP goes through the tunnel" in warnings[0] and "9451" in warnings[0]
+        assert len(warnings) == 1 and "TCP goes through the tunnel" in warnings[0] and str(relay) in warnings[0]
         assert time.monotonic() - t0 < 15
-        check = site_env.vp(site_env.node, "check", "--ticket",
-                            str(state / "ticket.json"), "--dns-name", "www.sim.test", timeout=90)
+        check = site_env.vp(site_env.node, "check", "--ticket", str(gw.ticket), "--dns-name", "www.sim.test",
+                            timeout=90)
         assert check.returncode == 0, check.stdout  # a warning, not a failure: jobs still run
-        line = next(ln for ln in check.stdout.splitlines() if ln.startswith("TCP relay 198.19.20.1:9451"))
+        line = next(ln for ln in check.stdout.splitlines() if ln.startswith(f"TCP relay 198.19.20.1:{relay}"))
         assert " warn " in line, line
         # relay-only has nothing to fall back to: a one-line error within the time-out
         t0 = time.monotonic()
-        only = site_env.exec_("true", ticket=state / "ticket.json", extra=("--tcp", "relay-only", "--timeout", "4"))
+        only = site_env.exec_("true", ticket=gw.ticket, extra=("--tcp", "relay-only", "--timeout", "4"))
         assert only.returncode == 125 and time.monotonic() - t0 < 8
-        assert only.stderr.startswith("vpn-provider: VPN tunnel failed: relay 198.19.20.1:9451"), only.stderr
+        assert only.stderr.startswith(f"vpn-provider: VPN tunnel failed: relay 198.19.20.1:{relay}"), only.stderr
         assert len(only.stderr.splitlines()) == 1, only.stderr
     finally:
-        site.drop(9451, "tcp", undo=True)
-        _stop_gateway(site_env, state)
+        site.drop(relay, "tcp", undo=True)
+    gw.stop()
     assert site_env.leftovers() == set()
 
 
-def test_gateway_without_relay_keeps_tcp_in_the_tunnel(site_env):
+def test_gateway_without_relay_keeps_tcp_in_the_tunnel(site_env, start_gateway):
     site = site_env.site
     before = set(site.user_pids())
-    state = _start_gateway(site_env, "gw-no-relay", 9452, "--no-relay")
-    try:
-        assert json.loads((state / "ticket.json").read_text())["relay_port"] == 0
-        names = {comm(pid) for pid in set(site.user_pids()) - before}
-        assert "vpnp-gw-relay" not in names and "ocserv-main" in names
-        done = site_env.exec_("sh", "-c", _COUNT_20MB_AND_TUN.format(url=site_env.http_url),
-                              ticket=state / "ticket.json", timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.split()[0] == "20971520" and _tun_rx(done.stdout) > 20_000_000
-        assert "vpn-provider:" not in done.stderr
-        only = site_env.exec_("true", ticket=state / "ticket.json", extra=("--tcp", "relay-only"))
-        assert only.returncode == 125 and "runs no TCP relay" in only.stderr.splitlines()[0], only.stderr
-    finally:
-        _stop_gateway(site_env, state)
+    gw = start_gateway("gw-no-relay", "--no-relay")
+    assert json.loads(gw.ticket.read_text())["relay_port"] == 0
+    names = {comm(pid) for pid in set(site.user_pids()) - before}
+    assert "vpnp-gw-relay" not in names and "ocserv-main" in names
+    done = site_env.exec_("sh", "-c", _COUNT_20MB_AND_TUN.format(url=site_env.http_url), ticket=gw.ticket,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "20971520" and _tun_rx(done.stdout) > 20_000_000
+    assert "vpn-provider:" not in done.stderr
+    only = site_env.exec_("true", ticket=gw.ticket, extra=("--tcp", "relay-only"))
+    assert only.returncode == 125 and "runs no TCP relay" in only.stderr.splitlines()[0], only.stderr
+    gw.stop()
     assert site_env.leftovers() == set()
 
 

@@ -23,31 +23,19 @@ RECOVERY_LIMIT = 5.0  # seconds after `gateway start` returns (the issue's promi
 
 
 @pytest.fixture
-def own_gateway(site_env):
+def own_gateway(site_env, start_gateway):
     """A gateway of this test's own (its own ports), so stopping it disturbs no other test."""
-    site = site_env.site
-    state = site.home / "gw-resilience"
-    args = ("--state-dir", str(state), "--listen", "0.0.0.0:9460")
     (site_env.site.workdir / "www" / "hello.txt").write_text("hello\n")
-
-    def start():
-        done = site_env.vp(site.login, "gateway", "start", *args)
-        assert done.returncode == 0, done.stderr
-        return time.time()
-    start()
-    yield state, start
-    site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    gw = start_gateway("gw-resilience")
+    yield gw
+    gw.stop()
     assert site_env.leftovers() == set()
 
 
-def _gateway_pid(state: Path) -> int:
-    return int((state / "gateway.pid").read_text().split()[0])
-
-
-def _kill(env, state: Path, what: str) -> None:
-    supervisor = _gateway_pid(state)
+def _kill(gw, what: str) -> None:
+    supervisor = gw.pid
     if what == "stop":
-        done = env.vp(env.site.login, "gateway", "stop", "--state-dir", str(state))
+        done = gw.stop()
         assert done.returncode == 0, done.stderr
     else:
         family = {supervisor} | descendants(supervisor)
@@ -63,19 +51,19 @@ def _kill(env, state: Path, what: str) -> None:
 
 
 def test_running_workers_in_every_mode_survive_gateway_restarts_and_crashes(site_env, own_gateway):
-    state, start = own_gateway
-    ticket = state / "ticket.json"
-    workers = {mode: Poller(site_env.site, site_env.node, ticket, mode, site_env.http_url) for mode in MODES}
+    gw = own_gateway
+    workers = {mode: Poller(site_env.site, site_env.node, gw.ticket, mode, site_env.http_url) for mode in MODES}
     try:
         for w in workers.values():
             assert wait_until(lambda w=w: w.ok_since(0), 30), f"{w.mode}: never up: {w.stderr} {w.polls}"
         assert all(w.cmd_alive() for w in workers.values())
         measured: dict[str, list[float]] = {mode: [] for mode in MODES}
         for what in ("stop", "supervisor", "ocserv-main", "slirp4netns", "vpnp-gw-relay"):
-            _kill(site_env, state, what)
+            _kill(gw, what)
             gone = time.time()
             time.sleep(3.5)  # every worker notices, and polls a few times without a gateway
-            returned = start()
+            gw.start()
+            returned = time.time()
             for mode, w in workers.items():  # meanwhile, polls failed at once: none hung
                 stamps = [t for t, _, _ in w.polls if gone + 1.0 < t < returned]
                 gaps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -89,7 +77,7 @@ def test_running_workers_in_every_mode_survive_gateway_restarts_and_crashes(site
         for mode, w in workers.items():
             assert w.cmd_alive(), f"{mode}: CMD ended or was replaced: {w.stderr}"
         # What an operator sees: each worker, its transport, its traffic and its reconnections.
-        shown = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(state), "--json")
+        shown = gw.command("status", "--json")
         assert shown.returncode == 0, shown.stderr
         rows = {row["worker"]: row for row in json.loads(shown.stdout)["workers"]}
         for mode, w in workers.items():
@@ -109,16 +97,16 @@ def test_running_workers_in_every_mode_survive_gateway_restarts_and_crashes(site
 
 def test_a_worker_whose_gateway_never_returns_ends_loudly(site_env, own_gateway):
     """--reconnect-timeout: without a gateway for that long, CMD gets SIGTERM and says why."""
-    state, _ = own_gateway
+    gw = own_gateway
     done = {}
 
     def run():
-        done["r"] = site_env.exec_("sleep", "120", ticket=state / "ticket.json",
+        done["r"] = site_env.exec_("sleep", "120", ticket=gw.ticket,
                                    extra=("--tcp", "tunnel", "--reconnect-timeout", "3"), timeout=90)
     runner = threading.Thread(target=run)
     runner.start()
     assert wait_until(lambda: any(comm(p) == "sleep" for p in site_env.site.user_pids()), 20)
-    _kill(site_env, state, "stop")
+    _kill(gw, "stop")
     started = time.monotonic()
     runner.join(60)
     assert not runner.is_alive()
@@ -130,16 +118,16 @@ def test_a_worker_whose_gateway_never_returns_ends_loudly(site_env, own_gateway)
 
 def test_a_transfer_through_the_tunnel_fails_soon_after_the_gateway_goes(site_env, own_gateway):
     """No hang: the keeper resets the tunnel's TCP connections when the tunnel drops."""
-    state, _ = own_gateway
+    gw = own_gateway
     proc = site_env.site.popen_user(site_env.node, [
-        VP, "exec", "--ticket", str(state / "ticket.json"), "--tcp", "tunnel", "--",
+        VP, "exec", "--ticket", str(gw.ticket), "--tcp", "tunnel", "--",
         "curl", "-sS", "--limit-rate", "2M", "-o", "/dev/null", f"{site_env.http_url}/big.bin"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: any(comm(p) == "curl" for p in site_env.site.user_pids()), 20)
         time.sleep(2)
         assert proc.poll() is None, proc.communicate()
-        _kill(site_env, state, "stop")
+        _kill(gw, "stop")
         stopped = time.monotonic()
         _, err = proc.communicate(timeout=40)
         assert time.monotonic() - stopped < 30

@@ -20,7 +20,6 @@ from conftest import VP, comm, root_helper, wait_until
 
 pytestmark = pytest.mark.site
 
-PORT = 9520  # the relay takes PORT + 1
 MITM_PORT = 9530
 FLIP_AT = 1 << 20  # the man-in-the-middle acts after this many bytes toward the node
 
@@ -126,28 +125,13 @@ print(f"connections opened by port: {opened}, of which failed: {failed}")
 """
 
 
-def _gateway(site_env, name: str, *options: str):
-    site = site_env.site
-    state = site.home / name
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", f"0.0.0.0:{PORT}",
-                          *options)
-    assert started.returncode == 0, started.stderr
-    return state
-
-
-def _stop(site_env, state: Path) -> None:
-    site_env.vp(site_env.site.login, "gateway", "stop", "--state-dir", str(state))
-    assert site_env.leftovers() == set()
-
-
 @pytest.fixture
-def gateway_with(site_env, request):
+def gateway_with(site_env, start_gateway, request):
     """A gateway of this test's own, started with ``request.param`` (a tuple of options)."""
-    state = _gateway(site_env, "gw-security", *request.param)
-    try:
-        yield state
-    finally:
-        _stop(site_env, state)
+    gw = start_gateway("gw-security", *request.param)
+    yield gw
+    gw.stop()
+    assert site_env.leftovers() == set()
 
 
 def _marker_file(site_env) -> tuple[str, str]:
@@ -172,7 +156,7 @@ def test_an_observer_on_the_node_to_login_link_never_sees_the_data_or_the_names(
     capture = root_helper(site, site.login, CAPTURE, f"{site.prefix}L0", str(capture_file))
     try:
         done = site_env.exec_("sh", "-c", f"curl -sS -o /dev/null {url} && getent hosts {marker}.sim.test; "
-                              f"curl -sS -o /dev/null {url}", ticket=gateway_with / "ticket.json",
+                              f"curl -sS -o /dev/null {url}", ticket=gateway_with.ticket,
                               extra=("--tcp", tcp))
         assert done.returncode == 0, done.stderr
     finally:
@@ -185,8 +169,8 @@ def test_an_observer_on_the_node_to_login_link_never_sees_the_data_or_the_names(
     assert (marker.encode() in captured) is expect_seen
 
 
-def _mitm_ticket(site_env, state: Path) -> Path:
-    ticket = json.loads((state / "ticket.json").read_text())
+def _mitm_ticket(site_env, gw) -> Path:
+    ticket = json.loads(gw.ticket.read_text())
     ticket["relay_port"] = MITM_PORT
     return site_env.write_ticket("mitm-ticket.json", json.dumps(ticket))
 
@@ -197,8 +181,8 @@ def _mitm_ticket(site_env, state: Path) -> Path:
 def test_a_man_in_the_middle_who_alters_or_cuts_a_stream_gives_the_application_an_error(site_env, gateway_with,
                                                                                           attack, tcp):
     site = site_env.site
-    mitm = root_helper(site, site.login, MITM, f"{site.login.addr}:{MITM_PORT}", f"{site.login.addr}:{PORT + 1}",
-                        attack, str(FLIP_AT))
+    mitm = root_helper(site, site.login, MITM, f"{site.login.addr}:{MITM_PORT}",
+                       f"{site.login.addr}:{gateway_with.relay_port}", attack, str(FLIP_AT))
     out = site.home / "mitm.out"
     try:
         done = site_env.exec_("curl", "-sS", "-o", str(out), f"http://{site.inet.addr}/big.bin",
@@ -220,7 +204,7 @@ def test_strangers_flooding_every_port_stop_no_worker(site_env, gateway_with):
     """200 ticketless connections per gateway port for 30 s, idle, dripping and half-finished:
     a running worker's 20 fetches all succeed, and a worker started meanwhile starts normally."""
     site = site_env.site
-    ticket = str(gateway_with / "ticket.json")
+    ticket = str(gateway_with.ticket)
     fetches = ("ok=0; for i in $(seq 20); do curl -sS -m 10 -o /dev/null "
                f"http://{site.inet.addr}/hello.txt && ok=$((ok+1)); sleep 1; done; echo $ok")
     from vpn_provider.sim.services import docroot
@@ -228,8 +212,9 @@ def test_strangers_flooding_every_port_stop_no_worker(site_env, gateway_with):
     running = site.popen_user(site_env.node, [VP, "exec", "--ticket", ticket, "--", "sh", "-c",
                                               f"sleep 3; {fetches}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
-    flood = site.popen_user(site_env.node, [sys.executable, "-c", FLOOD, site.login.addr, f"{PORT},{PORT + 1}",
-                                            "200", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flood = site.popen_user(site_env.node, [sys.executable, "-c", FLOOD, site.login.addr,
+                                            f"{gateway_with.port},{gateway_with.relay_port}", "200", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(5)  # the flood is at full strength
         started = site_env.exec_("curl", "-sS", "-m", "10", "-o", "/dev/null", f"http://{site.inet.addr}/hello.txt",
@@ -248,9 +233,10 @@ def test_strangers_flooding_every_port_stop_no_worker(site_env, gateway_with):
     assert started.returncode == 0 and started.stderr.strip() == "", started.stderr
 
 
+# (gateway options, URL, reachable); {relay_port} in a URL stands for the test's gateway's.
 POLICY_CASES = {
     "metadata-service-by-default": ((), "http://169.254.169.254/", False),
-    "the-gateways-own-relay-port": ((), f"http://198.19.20.1:{PORT + 1}/", False),
+    "the-gateways-own-relay-port": ((), "http://198.19.20.1:{relay_port}/", False),
     "denied-cidr": (("--deny", "198.18.10.0/24"), "http://198.18.10.1/hello.txt", False),
     "allowed-port-only": (("--allow", "198.18.10.1:1094"), "http://198.18.10.1/hello.txt", False),
     "allowed-port-works": (("--allow", "198.18.10.1:80"), "http://198.18.10.1/hello.txt", True),
@@ -259,18 +245,17 @@ POLICY_CASES = {
 
 @pytest.mark.parametrize("case", list(POLICY_CASES))
 @pytest.mark.parametrize("tcp", ["relay", "relay-only"])
-def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, case, tcp):
+def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, start_gateway, case, tcp):
     options, url, reachable = POLICY_CASES[case]
-    state = _gateway(site_env, "gw-policy", *options)
-    try:
-        t0 = time.monotonic()
-        done = site_env.exec_("curl", "-sS", "-m", "20", "-o", "/dev/null", url, ticket=state / "ticket.json",
-                              extra=("--tcp", tcp))
-        took = time.monotonic() - t0
-        log = (state / "relay.log").read_text()
-        status = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(state), "--json")
-    finally:
-        _stop(site_env, state)
+    gw = start_gateway("gw-policy", *options)
+    url = url.format(relay_port=gw.relay_port)
+    t0 = time.monotonic()
+    done = site_env.exec_("curl", "-sS", "-m", "20", "-o", "/dev/null", url, ticket=gw.ticket, extra=("--tcp", tcp))
+    took = time.monotonic() - t0
+    log = (gw.state / "relay.log").read_text()
+    status = gw.command("status", "--json")
+    gw.stop()
+    assert site_env.leftovers() == set()
     if reachable:
         assert done.returncode == 0, done.stderr
         return
@@ -285,14 +270,13 @@ def test_the_destination_policy_holds_on_the_relay(site_env, metadata_service, c
     (("--deny", "192.0.2.0/24"), "AES-128-GCM", " ok "), (("--plain-relay",), "none (--plain-relay)", " warn ")],
     ids=["encrypted-default", "plain-opt-out"], indirect=["gateway_with"])
 def test_status_and_check_show_the_encryption_and_the_policy(site_env, gateway_with, encryption, verdict):
-    site = site_env.site
-    status = site_env.vp(site.login, "gateway", "status", "--state-dir", str(gateway_with), "--json")
+    status = gateway_with.command("status", "--json")
     assert status.returncode == 0, status.stderr
     relay = json.loads(status.stdout)["relay"]
     assert relay["encryption"] == encryption
     assert relay["pump"] == "native (_relay_pump.so)"  # this install was built with a compiler
     assert "never loopback, link-local" in relay["policy"]
-    check = site_env.vp(site_env.node, "check", "--ticket", str(gateway_with / "ticket.json"), "--dns-name",
+    check = site_env.vp(site_env.node, "check", "--ticket", str(gateway_with.ticket), "--dns-name",
                         "www.sim.test", timeout=90)
     lines = check.stdout.splitlines()
     relay_line = next(ln for ln in lines if ln.startswith("TCP relay"))

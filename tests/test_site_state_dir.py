@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import comm, wait_until
+from conftest import comm, gateway_ports, wait_until
 
 pytestmark = pytest.mark.site
-
-LISTEN_PORT = 9490  # the relay takes LISTEN_PORT + 1
 
 
 def snapshot(*paths: Path) -> dict:
@@ -29,9 +27,11 @@ def snapshot(*paths: Path) -> dict:
     return out
 
 
-def start(site_env, state: Path) -> subprocess.CompletedProcess:
+def start(site_env, state: Path, port: int | None = None) -> subprocess.CompletedProcess:
+    """`gateway start` (which these tests expect to fail) on ``port``, by default one of its own."""
+    port = port or gateway_ports()[0]
     return site_env.vp(site_env.site.login, "gateway", "start", "--state-dir", str(state),
-                       "--listen", f"0.0.0.0:{LISTEN_PORT}")
+                       "--listen", f"0.0.0.0:{port}")
 
 
 def test_a_planted_state_dir_is_refused_and_nothing_is_written(site_env):
@@ -93,21 +93,22 @@ def test_a_state_dir_of_another_user_is_refused(site_env):
 def test_a_busy_relay_port_fails_at_once_in_one_line(site_env):
     site = site_env.site
     state = site.home / "gw-busy-relay"
+    port, relay_port = gateway_ports()
     holder = subprocess.Popen(site.as_root(site.login, [
         sys.executable, "-c", "import socket, time; s = socket.socket(); "
-        f"s.bind(('0.0.0.0', {LISTEN_PORT + 1})); s.listen(); print('ready', flush=True); time.sleep(120)"]),
+        f"s.bind(('0.0.0.0', {relay_port})); s.listen(); print('ready', flush=True); time.sleep(120)"]),
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
         pids = set(site.user_pids())
         began = time.monotonic()
-        done = start(site_env, state)
+        done = start(site_env, state, port)
         took = time.monotonic() - began
     finally:
         holder.kill()
         holder.wait()
     assert done.returncode == 1
-    assert done.stderr.splitlines() == [f"vpn-provider: gateway: cannot listen on 0.0.0.0:{LISTEN_PORT + 1} "
+    assert done.stderr.splitlines() == [f"vpn-provider: gateway: cannot listen on 0.0.0.0:{relay_port} "
                                         "(TCP relay): Address already in use; choose --relay-port PORT, or --no-relay"]
     assert took < 5, f"a busy relay port took {took:.1f} s to report"
     assert wait_until(lambda: set(site.user_pids()) <= pids, 10)

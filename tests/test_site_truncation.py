@@ -19,8 +19,6 @@ from conftest import VP, wait_until
 
 pytestmark = pytest.mark.site
 
-PORT = 9480  # the relay takes PORT + 1
-RELAY_PORT = PORT + 1
 STREAM_PORT = 8090
 STREAM_RATE_MB = 20  # paced, so a cut always lands mid-stream
 STREAM_BYTES = 2 << 30  # 100 s at that pace: no test waits for the end
@@ -74,16 +72,11 @@ def stream_url(site_env) -> str:
 
 
 @pytest.fixture
-def gateway(site_env):
+def gateway(site_env, start_gateway):
     """A gateway of this test's own; stopped again whatever the test did to it."""
-    site = site_env.site
-    state = site.home / "gw-truncation"
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", f"0.0.0.0:{PORT}")
-    assert started.returncode == 0, started.stderr
-    try:
-        yield state
-    finally:
-        site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    gw = start_gateway("gw-truncation")
+    yield gw
+    gw.stop()
     assert site_env.leftovers() == set()
 
 
@@ -102,13 +95,13 @@ def _child_named(site, parent: int, name: str) -> int:
     return pids[0]
 
 
-def _flow_connections(site) -> dict[str, list[str]]:
-    """Established TCP connections of the relayed flow (relay port or stream port), by host."""
+def _flow_connections(site, relay_port: int) -> dict[str, list[str]]:
+    """Established TCP connections of the relayed flow (``relay_port`` or the stream's), by host."""
     found = {}
     for host in (*site.nodes, site.login, site.inet):
         out = subprocess.run(site.as_root(host, ["ss", "-tnH", "state", "established"]), capture_output=True,
                              text=True).stdout.splitlines()
-        mine = [ln for ln in out if f":{RELAY_PORT} " in ln + " " or f":{STREAM_PORT} " in ln + " "]
+        mine = [ln for ln in out if f":{relay_port} " in ln + " " or f":{STREAM_PORT} " in ln + " "]
         if mine:
             found[host.ns] = mine
     return found
@@ -118,14 +111,14 @@ def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _read_and_cut(site_env, state: Path, url: str, cut, tcp: str = "relay-only") -> dict:
+def _read_and_cut(site_env, gw, url: str, cut, tcp: str = "relay-only") -> dict:
     """Start the reader inside the VPN (by default relay-only: the helper is its only
     companion), call ``cut(reader_pid)`` once it has CUT_AFTER bytes; how and when did the
     reader end?"""
     site = site_env.site
     out = site.home / "stream.out"
     out.unlink(missing_ok=True)
-    reader = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(state / "ticket.json"), "--tcp", tcp,
+    reader = site.popen_user(site_env.node, [VP, "exec", "--ticket", str(gw.ticket), "--tcp", tcp,
                                              "--", "curl", "-sS", "-o", str(out), url],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -141,9 +134,10 @@ def _read_and_cut(site_env, state: Path, url: str, cut, tcp: str = "relay-only")
         cut(reader.pid)
         _, stderr = reader.communicate(timeout=90)
         ended = time.monotonic() - t0
-        gone = wait_until(lambda: not _flow_connections(site), 60, interval=0.2)
+        gone = wait_until(lambda: not _flow_connections(site, gw.relay_port), 60, interval=0.2)
         return {"rc": reader.returncode, "stderr": stderr, "bytes": size(), "reader_seconds": ended,
-                "connections_gone_seconds": time.monotonic() - t0, "left": {} if gone else _flow_connections(site)}
+                "connections_gone_seconds": time.monotonic() - t0,
+                "left": {} if gone else _flow_connections(site, gw.relay_port)}
     finally:
         if reader.poll() is None:
             reader.kill()
@@ -167,7 +161,7 @@ def test_gateway_stop_resets_a_length_less_stream(site_env, stream_url, gateway,
     the tunnel beside the relay (the default), whose keeper then waits for the gateway's return."""
     stopping = []
     result = _read_and_cut(site_env, gateway, stream_url, lambda reader: stopping.append(site_env.site.popen_user(
-        site_env.site.login, [VP, "gateway", "stop", "--state-dir", str(gateway)], stdout=subprocess.DEVNULL)),
+        site_env.site.login, [VP, "gateway", "stop", "--state-dir", str(gateway.state)], stdout=subprocess.DEVNULL)),
         tcp=tcp)
     assert stopping[0].wait(60) == 0
     _assert_reset(result, within=5)  # from the command's start, the interpreter's included
@@ -175,7 +169,7 @@ def test_gateway_stop_resets_a_length_less_stream(site_env, stream_url, gateway,
 
 def test_sigkill_of_the_gateway_relay_resets_a_length_less_stream(site_env, stream_url, gateway):
     site = site_env.site
-    supervisor = int((gateway / "gateway.pid").read_text())
+    supervisor = gateway.pid
     relay = _child_named(site, supervisor, "vpnp-gw-relay")
     result = _read_and_cut(site_env, gateway, stream_url, lambda reader: _kill(relay))
     _assert_reset(result, within=5)
@@ -194,8 +188,8 @@ def test_loss_of_the_node_to_login_link_resets_a_length_less_stream(site_env, st
     """The link goes silent both ways: keepalives (node side, idle) and the user timeout (login
     side, data unacknowledged) end the flow, each within about 30 s, with a reset."""
     site = site_env.site
-    rules = [["INPUT", "-p", "tcp", "--dport", str(RELAY_PORT), "-j", "DROP"],
-             ["OUTPUT", "-p", "tcp", "--sport", str(RELAY_PORT), "-j", "DROP"]]
+    rules = [["INPUT", "-p", "tcp", "--dport", str(gateway.relay_port), "-j", "DROP"],
+             ["OUTPUT", "-p", "tcp", "--sport", str(gateway.relay_port), "-j", "DROP"]]
 
     def cut(reader):
         for rule in rules:

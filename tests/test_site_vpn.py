@@ -11,13 +11,9 @@ import subprocess
 
 import pytest
 
-from conftest import VP, comm, wait_until
+from conftest import VP, comm, gateway_ports, sha_lines, wait_until
 
 pytestmark = pytest.mark.site
-
-
-def _sha_lines(stdout: str) -> list[str]:
-    return re.findall(r"^([0-9a-f]{64})\b", stdout, flags=re.M)
 
 
 def test_node_cannot_reach_internet_without_vpn(site_env):
@@ -42,7 +38,7 @@ def test_http_and_xrootd_200mb_through_vpn_by_dns_name(site_env, tcp):
               "echo tun_rx_bytes=$(sed -n 's/^ *vpn0: *\\([0-9]*\\).*/\\1/p' /proc/net/dev)")
     done = site_env.exec_("sh", "-c", script, extra=("--tcp", tcp), timeout=180)
     assert done.returncode == 0, done.stderr
-    assert _sha_lines(done.stdout) == [site_env.big_sha, site_env.big_sha], done.stdout
+    assert sha_lines(done.stdout) == [site_env.big_sha, site_env.big_sha], done.stdout
     seconds = float(re.search(r"xrootd_seconds=([\d.]+)", done.stdout).group(1))
     # No DNS time-out may stall the read (FIELD-NOTES: a missing resolver cost 60 s per file).
     assert seconds < 10, f"XRootD read of 200 MB took {seconds:.1f} s"
@@ -71,7 +67,7 @@ def test_signal_stops_cmd_and_tunnel(site_env, signum):
     # `ip netns exec`, setpriv and env all exec, so proc.pid becomes vpn-provider, then sleep.
     try:
         assert wait_until(lambda: comm(proc.pid) == "sleep", 20), "CMD never started"
-        assert _count_clients(site_env) == 1
+        assert site_env.gateway.tunnel_clients() == 1
         os.kill(proc.pid, signum)
         assert proc.wait(timeout=10) == -signum
     finally:  # a failure here must not leave a worker behind for the tests after it
@@ -79,7 +75,7 @@ def test_signal_stops_cmd_and_tunnel(site_env, signum):
             proc.kill()
             proc.wait()
     assert site_env.leftovers() == set()
-    assert wait_until(lambda: _count_clients(site_env) == 0, 10)
+    assert wait_until(lambda: site_env.gateway.tunnel_clients() == 0, 10)
 
 
 def test_cmd_gets_default_signal_dispositions(site_env):
@@ -91,9 +87,10 @@ def test_cmd_gets_default_signal_dispositions(site_env):
 
 def test_ticket_with_several_addresses_uses_the_one_that_answers(site_env):
     """Login nodes have several addresses; a dead first one must not cost the time-out."""
-    site_env.site.drop(9998, "tcp")
+    dead, _ = gateway_ports()
+    site_env.site.drop(dead, "tcp")
     data = json.loads(site_env.ticket.read_text())
-    data["gateways"] = ["198.19.20.1:9998", "198.19.20.1:8443"]
+    data["gateways"] = [f"198.19.20.1:{dead}", "198.19.20.1:8443"]
     path = site_env.write_ticket("two-addresses.json", json.dumps(data))
     t0 = time.monotonic()
     assert site_env.exec_("true", ticket=path).returncode == 0
@@ -128,71 +125,46 @@ def test_dtls_is_the_default_data_channel(site_env):
     assert "Established DTLS connection" in log.read_text()
 
 
-def test_falls_back_to_tcp_when_udp_blocked(site_env):
+def test_falls_back_to_tcp_when_udp_blocked(site_env, start_gateway):
     site = site_env.site
-    state = site.home / "gw-udp-blocked"
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9443")
-    assert started.returncode == 0, started.stderr
-    try:
-        site.drop(9443, "udp")
-        log = site.home / "udp-blocked.log"
-        done = site_env.exec_("sh", "-c", f"curl -sS -f {site_env.http_url}/big.bin | sha256sum",
-                              ticket=state / "ticket.json",
-                              extra=("--tcp", "tunnel", "--timeout", "40", "--log-file", str(log)),
-                              timeout=180)
-        assert done.returncode == 0, done.stderr
-        assert _sha_lines(done.stdout) == [site_env.big_sha]
-        text = log.read_text()
-        assert "DTLS handshake failed" in text and "Established DTLS connection" not in text
-    finally:
-        site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    gw = start_gateway("gw-udp-blocked")
+    site.drop(gw.port, "udp")
+    log = site.home / "udp-blocked.log"
+    done = site_env.exec_("sh", "-c", f"curl -sS -f {site_env.http_url}/big.bin | sha256sum", ticket=gw.ticket,
+                          extra=("--tcp", "tunnel", "--timeout", "40", "--log-file", str(log)), timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert sha_lines(done.stdout) == [site_env.big_sha]
+    text = log.read_text()
+    assert "DTLS handshake failed" in text and "Established DTLS connection" not in text
+    gw.stop()
     assert site_env.leftovers() == set()
 
 
-
-def _count_clients(site_env) -> int:
-    """Workers with a tunnel session at the session's gateway."""
-    out = site_env.vp(site_env.site.login, "gateway", "status", "--state-dir", str(site_env.gateway_dir), "--json")
-    assert out.returncode == 0, out.stderr
-    return sum(w["vpn_ip"] != "" for w in json.loads(out.stdout)["workers"])
-
-
-def test_pasta_egress_carries_traffic(site_env):
+def test_pasta_egress_carries_traffic(site_env, start_gateway):
     """The non-default egress: pasta needs NAT inside the gateway namespace (iptables)."""
-    site = site_env.site
-    state = site.home / "gw-pasta"
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9446",
-                          "--egress", "pasta")
-    assert started.returncode == 0, started.stderr
-    try:
-        done = site_env.exec_("sh", "-c", f"curl -s {site_env.http_url}/big.bin | head -c 20971520 | wc -c",
-                              ticket=state / "ticket.json", extra=("--tcp", "tunnel"), timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.split() == ["20971520"]
-    finally:
-        site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    gw = start_gateway("gw-pasta", "--egress", "pasta")
+    done = site_env.exec_("sh", "-c", f"curl -s {site_env.http_url}/big.bin | head -c 20971520 | wc -c",
+                          ticket=gw.ticket, extra=("--tcp", "tunnel"), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["20971520"]
+    gw.stop()
     assert site_env.leftovers() == set()
 
 
-def test_first_packet_of_a_new_worker_is_not_held_back(site_env):
+def test_first_packet_of_a_new_worker_is_not_held_back(site_env, start_gateway):
     """slirp4netns asks (ARP) for each new client address, and the gateway answers by proxy ARP.
     The kernel delays such answers by a random 0-0.8 s unless told not to, which every worker's
     first packet used to pay. Three workers with fresh addresses: if the delay were back, all
     three would come in under 200 ms only once in 64 runs."""
     site = site_env.site
-    state = site.home / "gw-first-packet"
-    started = site_env.vp(site.login, "gateway", "start", "--state-dir", str(state), "--listen", "0.0.0.0:9448")
-    assert started.returncode == 0, started.stderr
+    gw = start_gateway("gw-first-packet")
     script = ("a=$(date +%s%N); getent hosts 198.18.10.1 >/dev/null; b=$(date +%s%N); "
               "echo first_ms=$(( (b - a) / 1000000 )); sleep 2")  # all three hold their address at once
-    try:
-        workers = [site.popen_user(site_env.node, [VP, "exec", "--ticket", str(state / "ticket.json"), "--", "sh", "-c",
-                                                   script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                   for _ in range(3)]
-        outs = [w.communicate(timeout=60) for w in workers]
-        assert all(w.returncode == 0 for w in workers), [err for _, err in outs]
-        first_ms = [int(re.search(r"first_ms=(\d+)", out).group(1)) for out, _ in outs]
-        assert max(first_ms) < 200, first_ms
-    finally:
-        site_env.vp(site.login, "gateway", "stop", "--state-dir", str(state))
+    workers = [site.popen_user(site_env.node, [VP, "exec", "--ticket", str(gw.ticket), "--", "sh", "-c", script],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [w.communicate(timeout=60) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err for _, err in outs]
+    first_ms = [int(re.search(r"first_ms=(\d+)", out).group(1)) for out, _ in outs]
+    assert max(first_ms) < 200, first_ms
+    gw.stop()
     assert site_env.leftovers() == set()

@@ -37,7 +37,10 @@ def test_the_wheel_is_one_file_for_every_python_3_and_glibc_2_17_on(wheel):
         assert part in names
 
 
-def test_a_fresh_venv_from_the_wheel_on_hosts_without_packages_or_compiler(site_env, wheel, tmp_path):
+@pytest.fixture
+def wheel_venv(site_env, wheel):
+    """A fresh venv of the site's user with the wheel installed; removed after the test (and after
+    the gateways it started: request this before start_gateway)."""
     site = site_env.site
     venv = site.home / f"wheel-venv-{os.getpid()}"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
@@ -46,29 +49,30 @@ def test_a_fresh_venv_from_the_wheel_on_hosts_without_packages_or_compiler(site_
     assert installed.returncode == 0, installed.stderr[-2000:]
     shutil.chown(venv, site.user, site.user)
     subprocess.run(["chown", "-R", f"{site.user}:{site.user}", str(venv)], check=True)
+    yield venv
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_a_fresh_venv_from_the_wheel_on_hosts_without_packages_or_compiler(site_env, wheel_venv, start_gateway,
+                                                                           tmp_path):
+    site, venv = site_env.site, wheel_venv
     vp = str(venv / "bin" / "vpn-provider")
-    state = site.home / "gw-wheel"
     env = {"PATH": "/usr/bin:/bin"}  # not the test venv's: the wheel's venv is all there is
     away = {"cwd": str(site.home)}  # not this checkout, whose vpn_provider `python -m` would find first
-    started = site.run_user(site.login, [vp, "gateway", "start", "--state-dir", str(state), "--listen",
-                                         "0.0.0.0:9472"], hide=GATEWAY_HOST_LACKS, env=env, **away)
-    try:
-        assert started.returncode == 0, started.stderr
-        assert "the relay alone" in started.stdout
-        fetched = site.run_user(site_env.node, [vp, "exec", "--ticket", str(state / "ticket.json"), "--", "sh", "-c",
-                                                FETCH.format(url=site_env.http_url)], hide=NODE_LACKS, env=env, **away)
-        assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.strip() == site_env.big_sha
-        preloaded = site.run_user(site_env.node, [vp, "exec", "--ticket", str(state / "ticket.json"), "--", "sh", "-c",
-                                                  FETCH.format(url=site_env.http_url)], hide=NODE_LACKS, env=env,
-                                  userns_off=True, **away)
-        assert preloaded.returncode == 0, preloaded.stderr
-        assert preloaded.stdout.strip() == site_env.big_sha
-        assert "transport preload" in preloaded.stderr
-        assert str(venv) in site.run_user(site_env.node, [str(venv / "bin" / "python"), "-c",
-                                                          "import vpn_provider; print(vpn_provider.__file__)"],
-                                          env=env, **away).stdout
-    finally:
-        site.run_user(site.login, [vp, "gateway", "stop", "--state-dir", str(state)], env=env, **away)
-        shutil.rmtree(venv, ignore_errors=True)
+    gw = start_gateway("gw-wheel", vp=vp, hide=GATEWAY_HOST_LACKS, env=env, **away)
+    assert "the relay alone" in gw.started.stdout
+    fetched = site.run_user(site_env.node, [vp, "exec", "--ticket", str(gw.ticket), "--", "sh", "-c",
+                                            FETCH.format(url=site_env.http_url)], hide=NODE_LACKS, env=env, **away)
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.strip() == site_env.big_sha
+    preloaded = site.run_user(site_env.node, [vp, "exec", "--ticket", str(gw.ticket), "--", "sh", "-c",
+                                              FETCH.format(url=site_env.http_url)], hide=NODE_LACKS, env=env,
+                              userns_off=True, **away)
+    assert preloaded.returncode == 0, preloaded.stderr
+    assert preloaded.stdout.strip() == site_env.big_sha
+    assert "transport preload" in preloaded.stderr
+    assert str(venv) in site.run_user(site_env.node, [str(venv / "bin" / "python"), "-c",
+                                                      "import vpn_provider; print(vpn_provider.__file__)"],
+                                      env=env, **away).stdout
+    gw.stop()
     assert site_env.leftovers() == set()
