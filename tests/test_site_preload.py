@@ -128,11 +128,7 @@ def test_a_work_queue_worker_fetches_through_preload(site_env):
     worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--",
                                                       "work_queue_worker", "--timeout", "60", "198.19.20.1", "9129"],
                                       userns_off=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        results = finish(mgr)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+    results = finish(mgr, ending=worker)
     assert {url: r["output"] for url, r in results.items()} == expected
     assert site_env.leftovers(timeout=15) == set()
 

@@ -12,19 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import comm, gateway_ports, wait_until
+from test_state_dir import listing
 
 pytestmark = pytest.mark.site
-
-
-def snapshot(*paths: Path) -> dict:
-    """Every entry under ``paths``: its type and mode, owner, size, mtime, and content or target."""
-    out = {}
-    for root in paths:
-        for p in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
-            st = p.lstat()
-            what = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
-            out[str(p)] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, what)
-    return out
 
 
 def start(site_env, state: Path, port: int | None = None) -> subprocess.CompletedProcess:
@@ -72,11 +62,11 @@ def test_a_planted_state_dir_is_refused_and_nothing_is_written(site_env):
 
 def _refused_untouched(site_env, state: Path, victim: Path, why: str) -> None:
     """`gateway start` fails with exactly one line, ``why``, and changes nothing in ``state`` or ``victim``."""
-    before = snapshot(state, victim)
+    before = listing(state, victim)
     done = start(site_env, state)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [f"vpn-provider: gateway: {why}"]
-    assert snapshot(state, victim) == before
+    assert listing(state, victim) == before
 
 
 def test_a_state_dir_of_another_user_is_refused(site_env):

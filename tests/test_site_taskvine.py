@@ -29,11 +29,7 @@ def test_a_vpn_wrapped_vine_worker_reads_xrootd_for_a_manager_on_the_login_host(
                                                       str(VENV_BIN / "vine_worker"), "--timeout", "60", LOGIN, "9141"],
                                       env={"PATH": f"{VENV_BIN}:/usr/bin:/bin"}, cwd=str(site_env.site.home),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        results = finish(mgr, timeout=180)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+    results = finish(mgr, ending=worker, timeout=180)
     assert {url: r["output"] for url, r in results.items()} == expected
     assert site_env.leftovers(timeout=15) == set()
 
@@ -52,11 +48,7 @@ def test_vine_factory_submits_vpn_wrapped_workers_to_slurm(site_env, slurm):
                               "--wrapper-input", str(site_env.ticket), LOGIN, "9142"],
         env={"PATH": f"{slurm.bin_dir}:{VENV_BIN}:/usr/bin:/bin"}, cwd=str(site_env.site.home),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        results = finish(mgr, timeout=180)
-    finally:
-        factory.terminate()
-        factory.wait(timeout=60)
+    results = finish(mgr, ending=factory, timeout=180, grace=60)
     assert {url: r["output"] for url, r in results.items()} == expected, factory.stderr.read()[-2000:]
     assert site_env.leftovers(timeout=30) == set()
 

@@ -31,8 +31,14 @@ def start_manager(site_env, port: int, urls: list[str], *, driver: str = "wq_man
     return mgr
 
 
-def finish(mgr: subprocess.Popen, timeout=120) -> dict:
-    out, err = mgr.communicate(timeout=timeout)
+def finish(mgr: subprocess.Popen, *, ending: subprocess.Popen, timeout=120, grace=15) -> dict:
+    """The manager's results, once it is done; then ``ending`` (the workers' side: a worker or a
+    factory) is terminated and waited for, also when the manager failed."""
+    try:
+        out, err = mgr.communicate(timeout=timeout)
+    finally:
+        ending.terminate()
+        ending.wait(timeout=grace)
     assert mgr.returncode == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -53,11 +59,7 @@ def test_worker_wrapped_by_exec(site_env, tcp, port):
     worker = site_env.site.popen_user(site_env.node, [VP, "exec", "--ticket", str(site_env.ticket), "--tcp", tcp, "--",
                                                       "work_queue_worker", "--timeout", "60", LOGIN, str(port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        results = finish(mgr)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+    results = finish(mgr, ending=worker)
     assert {url: r["output"] for url, r in results.items()} == expected
     assert site_env.leftovers(timeout=15) == set()
 
@@ -82,10 +84,6 @@ def test_workers_started_by_work_queue_factory_with_wrapper(site_env, request, b
                "--wrapper", f"{VP} exec --ticket ticket.json --",
                "--wrapper-input", str(site_env.ticket), LOGIN, str(port)],
         env=env, cwd=str(site_env.site.home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        results = finish(mgr)
-    finally:
-        factory.terminate()
-        factory.wait(timeout=30)
+    results = finish(mgr, ending=factory, grace=30)
     assert {url: r["output"] for url, r in results.items()} == expected
     assert site_env.leftovers(timeout=20) == set()

@@ -23,13 +23,15 @@ def vp(*args):
     return subprocess.run([sys.executable, "-m", "vpn_provider", *args], capture_output=True, text=True, timeout=30)
 
 
-def listing(path: Path) -> dict:
-    """Every entry under ``path``: what it is, its owner, mode, size and content or target."""
+def listing(*paths: Path) -> dict:
+    """Every entry under ``paths`` (each a directory or a file): what it is, its owner, mode,
+    size, mtime and content or target."""
     out = {}
-    for p in sorted([path, *path.rglob("*")]):
-        st = p.lstat()
-        what = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
-        out[str(p)] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, what)
+    for root in paths:
+        for p in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
+            st = p.lstat()
+            what = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            out[str(p)] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, what)
     return out
 
 
