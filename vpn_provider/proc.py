@@ -96,11 +96,14 @@ def exec_placed(argv: list[str], descriptors: dict[int, int], *, env: dict[str, 
     lifted = {target: fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, above) for target, source in descriptors.items()}
     for target, source in lifted.items():
         os.dup2(source, target)  # the copy is inheritable
-    kept = sorted(fd for fd in open_until_exec if fd >= above)
-    start = above
+    kept = set(open_until_exec) - set(descriptors)
     for fd in kept:
-        os.closerange(start, fd)
         os.set_inheritable(fd, False)
+    for fd in set(range(above)) - set(descriptors) - kept:  # gaps between the targets
+        os.closerange(fd, fd + 1)  # quietly, open or not
+    start = above
+    for fd in sorted(fd for fd in kept if fd >= above):
+        os.closerange(start, fd)
         start = fd + 1
     # close_range(2) makes this one call; without it (kernels before 5.9) 64 Ki closes, a few ms.
     os.closerange(start, max(os.sysconf("SC_OPEN_MAX"), 1 << 16))
