@@ -79,9 +79,10 @@ class WorkerTable:
         flow.on_end = ended
 
     def _forget_if_gone(self, key, now: float | None = None) -> None:
-        """Forget a worker with neither a PRESENT connection nor a flow that has been present,
-        or that has not been for PRESENCE_GRACE (with ``now``): one whose PRESENT connection is
-        yet to come keeps the bytes of its first flows."""
+        """Forget a worker that has neither a PRESENT connection nor a flow open if it has been
+        present (it left), or, given ``now``, if its flows ended over PRESENCE_GRACE ago and its
+        PRESENT connection never came. Until then, one whose PRESENT connection is yet to come
+        keeps its first flows' bytes."""
         tally = self._tallies[key]
         if tally.present or tally.flows:
             return
