@@ -9,7 +9,6 @@ Prints a table, writes results.json and throughput.png. Targets are reported, no
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ from pyroute2 import NetNS
 from vpn_provider.sim import data, services
 
 from . import resilience
-from vpn_provider.sim.site import INET_ADDR, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Site
+from vpn_provider.sim.site import INET_ADDR, LAN, LOGIN_DOWN_ADDR, LOGIN_UP_ADDR, Site
 
 BIN = Path(sys.executable).parent
 VP, PY = str(BIN / "vpn-provider"), str(BIN / "python")
@@ -85,9 +84,8 @@ class Bench:
         subprocess.run(self.site.as_root(self.site.login, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]), check=True)
         with NetNS(self.node.ns) as ns:
             ns.route("add", dst="0.0.0.0/0", gateway=LOGIN_DOWN_ADDR)
-        lan = ipaddress.ip_interface(f"{LOGIN_DOWN_ADDR}/24").network  # the site's LAN: every address a /24
         with NetNS(self.site.inet.ns) as ns:
-            ns.route("add", dst=str(lan), gateway=LOGIN_UP_ADDR)
+            ns.route("add", dst=str(LAN), gateway=LOGIN_UP_ADDR)
 
     def cap(self, rate: str | None) -> None:
         """tbf on both ends of the node<->login link (None removes it)."""

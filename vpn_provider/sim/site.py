@@ -20,6 +20,7 @@ busy node does not starve the login host.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import pwd
 import secrets
@@ -37,9 +38,11 @@ from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from .cpu_share import CpuShares
 
-INET_ADDR = "198.18.10.1"  # RFC 2544 benchmark space: never routed on a real network
-LOGIN_UP_ADDR = "198.18.10.2"  # login host j: 198.18.10.(2+j)
-LOGIN_DOWN_ADDR = "198.19.20.1"  # login host j: 198.19.20.(1+j)
+UPSTREAM = ipaddress.IPv4Network("198.18.10.0/24")  # RFC 2544 benchmark space: never routed on a real network
+LAN = ipaddress.IPv4Network("198.19.20.0/24")  # the login hosts' and the compute nodes'
+INET_ADDR = str(UPSTREAM[1])
+LOGIN_UP_ADDR = str(UPSTREAM[2])  # login host j: 198.18.10.(2+j)
+LOGIN_DOWN_ADDR = str(LAN[1])  # login host j: 198.19.20.(1+j)
 NODE_ADDR_BASE = 10  # node i gets 198.19.20.(10+i)
 MAX_LOGINS = NODE_ADDR_BASE - 1  # login LAN addresses must stay below the nodes'
 INET_ADDR6 = "2001:db8:10::1"  # RFC 3849 documentation prefix: never routed anywhere
@@ -69,9 +72,9 @@ class Site:
         os.chmod(self.workdir, 0o755)
         self.switch = f"{self.prefix}-switch"  # holds the bridges; no addresses, no processes
         self.inet = Host(f"{self.prefix}-inet", INET_ADDR)
-        self.logins = [Host(f"{self.prefix}-login{j or ''}", f"198.19.20.{1 + j}") for j in range(logins)]
+        self.logins = [Host(f"{self.prefix}-login{j or ''}", str(LAN[1 + j])) for j in range(logins)]
         self.login = self.logins[0]
-        self.nodes = [Host(f"{self.prefix}-node{i}", f"198.19.20.{NODE_ADDR_BASE + i}") for i in range(nodes)]
+        self.nodes = [Host(f"{self.prefix}-node{i}", str(LAN[NODE_ADDR_BASE + i])) for i in range(nodes)]
         self.user = f"{self.prefix}u"
         self.home = self.workdir / "home"
         self._services: list[subprocess.Popen] = []
@@ -97,7 +100,7 @@ class Site:
                     sw.link("set", index=sw.link_lookup(ifname=bridge)[0], state="up")
             self._plug(upstream, self.inet, "i", INET_ADDR, INET_ADDR6)
             for j, login in enumerate(self.logins):
-                self._plug(upstream, login, f"l{j}", f"198.18.10.{2 + j}", f"{LOGIN_UP_ADDR6_BASE}{2 + j:x}")
+                self._plug(upstream, login, f"l{j}", str(UPSTREAM[2 + j]), f"{LOGIN_UP_ADDR6_BASE}{2 + j:x}")
                 self._plug(lan, login, f"L{j}", login.addr)
                 with NetNS(login.ns) as ns:
                     ns.route("add", dst="0.0.0.0/0", gateway=INET_ADDR)
