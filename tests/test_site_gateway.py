@@ -108,7 +108,7 @@ def test_python_api_gateway_context_manager_and_run(site_env):
     site = site_env.site
     state = site.home / "gw-api"
     up = textwrap.dedent(f"""
-        import sys, time
+        import subprocess, sys, time
         from pathlib import Path
         from vpn_provider import Gateway, GatewayConfig, Endpoint
         cfg = GatewayConfig(state_dir=Path({str(state)!r}), listen=Endpoint.parse("0.0.0.0:9445"))
@@ -122,7 +122,6 @@ def test_python_api_gateway_context_manager_and_run(site_env):
                 time.sleep(0.2)
             left = gw.workers()
             if left:  # the relay's view of the connections it still holds, for the failure message
-                import subprocess
                 ss = subprocess.run(["ss", "-tnoeiap"], capture_output=True, text=True).stdout
                 Path({str(state / 'ss-login.txt')!r}).write_text(ss)
             print("workers", len(left), *(f"{{w.transport}}:{{w.worker}}:{{w.flows}}" for w in left), flush=True)
